@@ -1,0 +1,61 @@
+"""Embeddings computed once per model and split, reused by zero-shot, probe and retrieval."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..data.datasets import stack_images
+from ..data.records import Record
+from ..models.base import ClipModel
+from ..precision import autocast
+
+
+def _device(model: ClipModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """eval() for the block, then every module's own mode back (frozen BatchNorm stays frozen)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@torch.no_grad()
+def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int = 64, precision: str = "bf16",
+                 progress: bool = False) -> torch.Tensor:
+    """L2-normalised float32 image embeddings [N, D] in record order."""
+    device = _device(model)
+    size, interp = model.preprocess.size, model.preprocess.interpolation
+    chunks = []
+    starts = range(0, len(records), batch_size)
+    with evaluating(model):
+        for start in tqdm(starts, desc="embed images", disable=not progress, leave=False):
+            pixels = model.normalize_pixels(stack_images(records[start:start + batch_size], size, interp).to(device))
+            with autocast(precision, device):
+                chunks.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128, precision: str = "bf16",
+                progress: bool = False) -> torch.Tensor:
+    """L2-normalised float32 text embeddings [N, D] in input order."""
+    device = _device(model)
+    chunks = []
+    with evaluating(model):
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress, leave=False):
+            tokens = {k: v.to(device) for k, v in model.tokenize(texts[start:start + batch_size]).items()}
+            with autocast(precision, device):
+                chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)

@@ -1,0 +1,111 @@
+"""The interface every model family implements, so training and evaluation never look at the family."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+Tower = Literal["image", "text", "head"]
+# Where a parameter's values come from; the trainer picks its learning rate from this.
+#   clip:       trained contrastively already (a pretrained CLIP): small, batch-scaled rate
+#   pretrained: pretrained, but never trained contrastively with the other tower (ImageNet CNN, MiniLM)
+#   new:        freshly initialised (projections)
+Origin = Literal["clip", "pretrained", "new"]
+
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """A tower's own preprocessing: shorter side resized to `size`, centre crop `size`, then normalised."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    param: nn.Parameter
+    tower: Tower
+    origin: Origin
+    no_decay: bool  # biases, norms and the temperature are not weight-decayed
+
+
+class ClipModel(nn.Module):
+    """Two towers with projections into one space and a learnable temperature.
+
+    Subclasses implement the encoders, tokenisation, save and the parameter bookkeeping. Features returned by
+    `encode_*` are projected but not normalised; `forward` normalises them.
+    """
+
+    family: str = ""
+    preprocess: ImagePreprocess
+    logit_scale: nn.Parameter  # log of the inverse temperature, as CLIP
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int:
+        raise NotImplementedError
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many texts exceed the text tower's context and get cut."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+    def _tower_and_origin(self, name: str) -> tuple[Tower, Origin]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able summary written into run.json."""
+        return {"family": self.family, "preprocess": self.preprocess.to_dict(), "context_length": self.context_length}
+
+    # ---- shared behaviour -------------------------------------------------------------------------------
+
+    def normalize_pixels(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] (the pre-resized image cache's format) -> normalised float pixels."""
+        mean = torch.tensor(self.preprocess.mean, device=pixels_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=pixels_uint8.device).view(1, 3, 1, 1)
+        return (pixels_uint8.float() / 255.0 - mean) / std
+
+    def scale(self) -> torch.Tensor:
+        """Inverse temperature, clamped at 100 as CLIP does."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = nn.functional.normalize(self.encode_image(pixels), dim=-1)
+        text = nn.functional.normalize(self.encode_text(tokens), dim=-1)
+        return image, text
+
+    def parameter_info(self) -> Iterator[ParamInfo]:
+        for name, param in self.named_parameters():
+            tower, origin = self._tower_and_origin(name)
+            no_decay = param.ndim < 2 or name.endswith("logit_scale")
+            yield ParamInfo(name, param, tower, origin, no_decay)
+
+    def set_train_mode(self, *, freeze_batchnorm: bool) -> None:
+        """train() that can keep BatchNorm running statistics frozen (small fine-tuning batches)."""
+        self.train()
+        if freeze_batchnorm:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()

