@@ -43,7 +43,7 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
     defaults = TrainConfig()
     group = parser.add_argument_group("training")
     if objective:
-        group.add_argument("--objective", choices=["caption", "label"], default=defaults.objective)
+        group.add_argument("--objective", choices=["caption", "label", "semantic"], default=defaults.objective)
     group.add_argument("--epochs", type=int, default=defaults.epochs)
     group.add_argument("--batch-size", type=int, default=defaults.batch_size)
     group.add_argument("--lr-clip", type=float, help="rate for weights of a pretrained CLIP (default: CLIP's "
@@ -59,6 +59,10 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
                        help="update BatchNorm running statistics while training (default: frozen)")
     group.add_argument("--label-template", default=defaults.label_template)
     group.add_argument("--label-targets", choices=["multi", "naive"], default=defaults.label_targets)
+    group.add_argument("--semantic-temperature", type=float, default=defaults.semantic_temperature,
+                       help="tau_t of the semantic matching targets softmax(s / tau_t)")
+    group.add_argument("--entities-from", choices=["captions", "labels", "both"], default=defaults.entities_from)
+    group.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
     group.add_argument("--precision", choices=["bf16", "fp32"], default=defaults.precision)
     group.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     group.add_argument("--max-steps", type=int)
@@ -72,7 +76,9 @@ def _train_config(args: argparse.Namespace, **overrides):
     values = dict(epochs=args.epochs, batch_size=args.batch_size, lr_clip=args.lr_clip, lr_pretrained=args.lr_pretrained,
                   lr_new=args.lr_new, weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
                   lock_image=args.lock_image, lock_text=args.lock_text, freeze_batchnorm=not args.update_batchnorm,
-                  label_template=args.label_template, label_targets=args.label_targets, precision=args.precision,
+                  label_template=args.label_template, label_targets=args.label_targets,
+                  semantic_temperature=args.semantic_temperature, entities_from=args.entities_from,
+                  vocabulary=args.vocabulary, precision=args.precision,
                   checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device)
     values.update(overrides)
     return TrainConfig(**values)
@@ -131,6 +137,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"macro_f1={result['macro_f1']:.3f}")
 
 
+def cmd_entities(args: argparse.Namespace) -> None:
+    from .data.sources import load_source
+    from .knowledge import ConceptExtractor, Vocabulary, coverage, format_coverage
+
+    loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
+    vocabulary = Vocabulary.load(args.vocabulary) if args.vocabulary else Vocabulary.default()
+    report = coverage([r.caption for r in loaded.records], ConceptExtractor(vocabulary))
+    print(json.dumps(report, indent=2) if args.json else format_coverage(report))
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from .pipeline import ReproduceConfig, reproduce
 
@@ -180,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     _add_data_options(p)
     p.set_defaults(func=cmd_evaluate, label_field=None)
+
+    p = commands.add_parser("entities", help="concept coverage of a dataset's captions (knowledge extraction)")
+    p.add_argument("data")
+    p.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
+    p.add_argument("--json", action="store_true")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_entities)
 
     p = commands.add_parser("reproduce", help="the paper's experiment end to end, with a report")
     p.add_argument("--data", required=True)

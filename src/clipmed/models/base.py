@@ -75,6 +75,10 @@ class ClipModel(nn.Module):
     def _tower_and_origin(self, name: str) -> tuple[Tower, Origin]:
         raise NotImplementedError
 
+    def towers(self) -> dict[str, nn.Module]:
+        """{"image": module, "text": module}: the encoders, for locking."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """JSON-able summary written into run.json."""
         return {"family": self.family, "preprocess": self.preprocess.to_dict(), "context_length": self.context_length}
@@ -102,9 +106,12 @@ class ClipModel(nn.Module):
             no_decay = param.ndim < 2 or name.endswith("logit_scale")
             yield ParamInfo(name, param, tower, origin, no_decay)
 
-    def set_train_mode(self, *, freeze_batchnorm: bool) -> None:
-        """train() that can keep BatchNorm running statistics frozen (small fine-tuning batches)."""
+    def set_train_mode(self, *, freeze_batchnorm: bool, locked: tuple[str, ...] = ()) -> None:
+        """train(), except locked towers (eval: no dropout, no statistics updates) and, optionally, BatchNorm
+        running statistics (frozen for small fine-tuning batches)."""
         self.train()
+        for name in locked:
+            self.towers()[name].eval()
         if freeze_batchnorm:
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):

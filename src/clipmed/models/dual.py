@@ -43,6 +43,9 @@ class DualConfig:
     context_length: int = 128
     projection_dim: int = 512
     init_temperature: float = 0.07
+    # Whether the towers hold pretrained (not random) weights: decides their learning rate. A saved fine-tuned
+    # model keeps the value of the model it started from.
+    towers_pretrained: bool = False
 
 
 def _minilm_dir() -> Path:
@@ -72,6 +75,7 @@ class DualEncoderCLIP(ClipModel):
         if config.text_tower not in TEXT_TOWERS:
             raise ClipmedError(f"unknown dual text tower {config.text_tower!r}; available: {', '.join(TEXT_TOWERS)}")
         self.config = config
+        config.towers_pretrained = config.towers_pretrained or pretrained
         self.tokenizer = tokenizer
         overrides = {"image_size": config.image_size, **config.image_overrides}
         self.image_tower = EfficientNet.from_name(config.image_tower, **overrides)
@@ -94,7 +98,6 @@ class DualEncoderCLIP(ClipModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         # TF EfficientNet-Lite inputs are (x - 127) / 128.
         self.preprocess = ImagePreprocess(size=config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        self._pretrained_towers = pretrained
 
     # ---- encoders --------------------------------------------------------------------------------------
 
@@ -126,12 +129,15 @@ class DualEncoderCLIP(ClipModel):
     # ---- bookkeeping -----------------------------------------------------------------------------------
 
     def _tower_and_origin(self, name: str) -> tuple[Tower, Origin]:
-        tower_origin: Origin = "pretrained" if self._pretrained_towers else "new"
+        tower_origin: Origin = "pretrained" if self.config.towers_pretrained else "new"
         if name.startswith("image_tower."):
             return "image", tower_origin
         if name.startswith("text_tower."):
             return "text", tower_origin
         return "head", "new"
+
+    def towers(self) -> dict[str, nn.Module]:
+        return {"image": self.image_tower, "text": self.text_tower}
 
     def describe(self) -> dict:
         return {**super().describe(), "image_tower": self.config.image_tower, "text_tower": self.config.text_tower,
@@ -153,8 +159,6 @@ class DualEncoderCLIP(ClipModel):
         raw = json.loads((directory / CONFIG_NAME).read_text())
         raw.pop("family", None)
         model = cls(DualConfig(**raw), AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR)), pretrained=False)
-        # Towers saved from pretrained weights stay "pretrained" for learning-rate purposes.
-        model._pretrained_towers = True
         missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=False)
         if missing or unexpected:
             raise ClipmedError(f"{directory / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "

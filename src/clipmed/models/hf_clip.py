@@ -67,6 +67,9 @@ class HFCLIP(ClipModel):
             return "text", "clip"
         return "head", "clip"
 
+    def towers(self) -> dict[str, torch.nn.Module]:
+        return {"image": self.model.vision_model, "text": self.model.text_model}
+
     def describe(self) -> dict:
         return {**super().describe(), "source": self.source}
 

@@ -32,6 +32,7 @@ class TrainConfig:
     label_targets: str = "multi"        # multi (same-label pairs are positives) | naive (the paper's)
     semantic_temperature: float = 0.1   # tau_t of the semantic matching targets
     entities_from: str = "captions"     # captions | labels | both (semantic objective)
+    vocabulary: str | None = None       # a concepts YAML replacing the packaged one (semantic objective)
     precision: str = "bf16"
     seed: int = 0
     checkpoint_every: int = 50          # steps; also at every epoch end

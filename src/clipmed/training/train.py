@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from ..evaluation.metrics import retrieval_metrics
 from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
 from ..io import read_json, write_json_atomic, write_text_atomic
 from ..models import ClipModel, load_model
-from ..objectives import ContrastiveLoss, LabelLoss
+from ..objectives import OBJECTIVES, ContrastiveLoss, LabelLoss, SemanticMatchingLoss
 from ..precision import autocast
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -40,32 +41,63 @@ METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "logit_scale", "pairs_per_s", 
 
 @dataclass
 class TrainingRows:
-    """What one objective trains on: records, the text paired with each, and class indices (label objective)."""
+    """What one objective trains on, row by row.
+
+    texts: the text of each row (caption or label prompt), None for an image-only row; has_image: False for a
+    text-only row (its image was rejected by prepare); labels: class indices (label objective); concepts:
+    concept vectors (semantic objective).
+    """
 
     records: list[Record]
-    texts: list[str]
-    labels: torch.Tensor | None
+    texts: list[str | None]
+    has_image: list[bool]
     classes: list[str]
+    labels: torch.Tensor | None = None
+    concepts: torch.Tensor | None = None
+
+    def subset(self, keep: list[int]) -> "TrainingRows":
+        pick = lambda values: [values[i] for i in keep]  # noqa: E731
+        return TrainingRows(pick(self.records), pick(self.texts), pick(self.has_image), self.classes,
+                            self.labels[keep] if self.labels is not None else None,
+                            self.concepts[keep] if self.concepts is not None else None)
 
 
 def training_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
-    """Caption-style objectives train on the caption pool; the label objective on the balanced train split."""
+    """Caption-style objectives train on the caption pool; the label objective on the balanced train split;
+    the semantic objective on the pool plus text-only and image-only rows (MedCLIP's decoupled batches)."""
     if config.objective == "label":
         records = prepared.records("train")
-        labels = torch.tensor([prepared.classes.index(r.label) for r in records])
-        texts = [config.label_template.format(label=r.label) for r in records]
+        rows = TrainingRows(records, [config.label_template.format(label=r.label) for r in records],
+                            [True] * len(records), prepared.classes,
+                            labels=torch.tensor([prepared.classes.index(r.label) for r in records]))
     elif config.objective == "caption":
         records = prepared.records("pool")
-        labels, texts = None, [r.caption for r in records]
+        rows = TrainingRows(records, [r.caption for r in records], [True] * len(records), prepared.classes)
+    elif config.objective == "semantic":
+        rows = _semantic_rows(prepared, config)
     else:
-        raise ClipmedError(f"unknown objective {config.objective!r}: use caption or label")
+        raise ClipmedError(f"unknown objective {config.objective!r}: use one of {', '.join(OBJECTIVES)}")
     if config.fraction < 1.0:
         # A fixed, seed-determined subset so that growing fractions nest (data-efficiency sweeps).
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))
-        keep = sorted(order[: max(config.batch_size, round(len(records) * config.fraction))].tolist())
-        records, texts = [records[i] for i in keep], [texts[i] for i in keep]
-        labels = labels[keep] if labels is not None else None
-    return TrainingRows(records, texts, labels, prepared.classes)
+        order = torch.randperm(len(rows.records), generator=torch.Generator().manual_seed(config.seed))
+        rows = rows.subset(sorted(order[: max(config.batch_size, round(len(rows.records) * config.fraction))].tolist()))
+    return rows
+
+
+def _semantic_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
+    from ..knowledge import ConceptExtractor, Vocabulary
+
+    pairs, text_only, image_only = prepared.records("pool"), prepared.text_only_records(), prepared.image_only_records()
+    records = pairs + text_only + image_only
+    vocabulary = Vocabulary.load(config.vocabulary) if config.vocabulary else Vocabulary.default()
+    extractor = ConceptExtractor(vocabulary)
+    concepts = extractor.entity_matrix([r.caption for r in pairs + text_only], [r.label for r in pairs + text_only],
+                                       source=config.entities_from)
+    # An image-only row has no caption: its concepts come from its label, whatever --entities-from says.
+    label_concepts = extractor.entity_matrix([None] * len(image_only), [r.label for r in image_only], source="labels")
+    return TrainingRows(records, [r.caption for r in pairs + text_only] + [None] * len(image_only),
+                        [True] * len(pairs) + [False] * len(text_only) + [True] * len(image_only), prepared.classes,
+                        concepts=torch.from_numpy(numpy.concatenate([concepts, label_concepts])))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -76,32 +108,42 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 def build_loss(config: TrainConfig) -> torch.nn.Module:
     if config.objective == "label":
         return LabelLoss(config.label_targets)
+    if config.objective == "semantic":
+        return SemanticMatchingLoss(config.semantic_temperature)
     return ContrastiveLoss()
+
+
+def _encode(model: ClipModel, records: list[Record], texts: list[str], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 embeddings of the records' images and of the texts (autocast inside)."""
+    device = torch.device(config.device)
+    pixels = model.normalize_pixels(stack_images(records, model.preprocess.size, model.preprocess.interpolation).to(device))
+    tokens = {key: value.to(device) for key, value in model.tokenize(texts).items()}
+    with autocast(config.precision, device):
+        image, text = model.encode_image(pixels), model.encode_text(tokens)
+    return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
 
 def training_step(model: ClipModel, loss_fn: torch.nn.Module, rows: TrainingRows, index: torch.Tensor,
                   config: TrainConfig) -> torch.Tensor:
-    device = torch.device(config.device)
-    records = [rows.records[i] for i in index.tolist()]
-    pixels = model.normalize_pixels(stack_images(records, model.preprocess.size, model.preprocess.interpolation).to(device))
-    with autocast(config.precision, device):
-        image = model.encode_image(pixels)
-        if rows.labels is not None:
-            # A batch holds few distinct prompts: encode each once (the loss indexes them per image).
-            labels = rows.labels[index].to(device)
-            distinct, prompt_index = labels.unique(return_inverse=True)
-            prompts = [config.label_template.format(label=rows.classes[c]) for c in distinct.tolist()]
-            text = model.encode_text(_to(model.tokenize(prompts), device))
-        else:
-            text = model.encode_text(_to(model.tokenize([rows.texts[i] for i in index.tolist()]), device))
-    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-    if rows.labels is not None:
-        return loss_fn(image, text, model.scale(), prompt_index)
+    """The loss of one batch (rows `index`), ready for backward()."""
+    rows_in_batch = index.tolist()
+    if config.objective == "label":
+        # A batch holds few distinct prompts: encode each once (the loss indexes them per image).
+        distinct, prompt_index = rows.labels[index].unique(return_inverse=True)
+        prompts = [config.label_template.format(label=rows.classes[c]) for c in distinct.tolist()]
+        image, text = _encode(model, [rows.records[i] for i in rows_in_batch], prompts, config)
+        return loss_fn(image, text, model.scale(), prompt_index.to(image.device))
+    if config.objective == "semantic":
+        # Decoupled batch: the images of pair and image-only rows against the texts of pair and text-only rows.
+        with_image = [i for i in rows_in_batch if rows.has_image[i]]
+        with_text = [i for i in rows_in_batch if rows.texts[i] is not None]
+        column = {row: position for position, row in enumerate(with_text)}
+        pair_index = torch.tensor([column.get(i, -1) for i in with_image])
+        image, text = _encode(model, [rows.records[i] for i in with_image], [rows.texts[i] for i in with_text], config)
+        return loss_fn(image, text, model.scale(), rows.concepts[with_image].to(image.device),
+                       rows.concepts[with_text].to(image.device), pair_index.to(image.device))
+    image, text = _encode(model, [rows.records[i] for i in rows_in_batch], [rows.texts[i] for i in rows_in_batch], config)
     return loss_fn(image, text, model.scale())
-
-
-def _to(tokens: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in tokens.items()}
 
 
 def validation_score(model: ClipModel, prepared: PreparedData, config: TrainConfig) -> tuple[str, float]:
@@ -115,7 +157,7 @@ def validation_score(model: ClipModel, prepared: PreparedData, config: TrainConf
         truth = torch.tensor([prepared.classes.index(r.label) for r in val])
         return "val_zero_shot_top1", float((predictions == truth).float().mean())
     texts = embed_texts(model, [r.caption for r in val], precision=config.precision)
-    retrieval = retrieval_metrics((images @ texts.t()).numpy(), ks=(1,), n_boot=0)
+    retrieval = retrieval_metrics((images @ texts.t()).numpy(), ks=(1,), n_boot=1)
     return "val_mean_recall_at_1", float(retrieval["mean_recall_at_1"])
 
 
@@ -156,7 +198,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise ClipmedError(f"only {len(rows.records)} training rows for objective {config.objective!r} "
                            f"(batch size {config.batch_size}): lower --batch-size or prepare more data")
     model = load_model(config.model).to(device)
-    IMAGE_CACHE.warm([r.image_path for r in rows.records + prepared.records("val")], model.preprocess.size,
+    IMAGE_CACHE.warm([r.image_path for r, ok in zip(rows.records, rows.has_image) if ok] +
+                     [r.image_path for r in prepared.records("val")], model.preprocess.size,
                      model.preprocess.interpolation,
                      progress=(lambda it: tqdm(it, desc="decode images", leave=False)) if progress else None)
     optimizer, groups = build_optimizer(model, config)
@@ -189,7 +232,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
         order = epoch_order(len(rows.records), config.seed, epoch)
-        model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm)
+        locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
+        model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm, locked=locked)
         for batch in range(first_batch, steps_per_epoch):
             tick = time.time()
             loss = training_step(model, loss_fn, rows, order[batch * config.batch_size:(batch + 1) * config.batch_size], config)
@@ -236,7 +280,7 @@ def _write_run_json(run: Path, config: TrainConfig, prepared: PreparedData, mode
         "batchnorm": "running statistics frozen (eval mode) while training" if config.freeze_batchnorm
                      else "running statistics updated while training",
         "n_training_rows": len(rows.records),
-        "truncated_texts": model.count_truncated(rows.texts),
+        "truncated_texts": model.count_truncated([t for t in rows.texts if t is not None]),
         "environment": environment(),
         **extra,
     })

@@ -1,0 +1,501 @@
+"""`prepare`: validate a dataset and split it the paper's way into train / val / test / caption pool.
+
+The algorithm (deterministic for a given source, options and seed):
+
+0. Validate every row. A row is rejected for a duplicate id (the first one is kept), an empty or missing
+   caption, or an image that is missing, empty, not an image, truncated/corrupt or too large. A row whose
+   only fault is its image keeps its caption as a *text-only* row. Rows whose label is not a class are
+   not rejected: they are *unlabeled* (caption objectives only).
+1. Sample `n` labeled rows (all of them when there are fewer), stratified by class; every class keeps at
+   least 3 rows so that it can appear in train, val and test.
+2. Val and test take 10% of the sample each, stratified: per class, the exact share rounded by largest
+   remainder (so within one row of it), at least one row. With a group field (e.g. the article a figure
+   comes from) whole groups are assigned, and a group of val/test appears in no other split: its other
+   rows are held out of train and of the pool.
+3. Train: the rest of the sample, at most ``(sample - val - test) // n_classes`` rows per class (an equal
+   share of the train budget); a smaller class gives all it has and the budget it leaves is not
+   redistributed, so label objectives see balanced classes.
+4. The caption pool: every usable row that is not in val/test nor in one of their groups: train, the
+   labeled rows the cap or the sample left out, and the unlabeled rows. Caption objectives train on the
+   pool, label objectives on train only. Text-only rows are listed apart (``text_only``), also without
+   the val/test groups.
+
+A class with fewer than 3 usable rows, or whose groups cannot be spread over train, val and test, is a
+ClipmedError that suggests --min-class-count or --classes: a class missing from val or test would make its
+scores silently meaningless.
+
+Outputs, written atomically: ``split.json`` (ids per split, sorted, so the file is byte-identical for the
+same inputs) and ``rejected.jsonl`` (one row per rejection: id, locator, reason, uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
+
+from clipmed.data.images import check_image
+from clipmed.data.labels import DEFAULT_MIN_CLASS_COUNT, clean_labels, strip_label
+from clipmed.data.records import FieldMap, Record
+from clipmed.data.sources import LoadedSource, load_source
+from clipmed.errors import ClipmedError
+from clipmed.io import read_json, write_json_atomic, write_text_atomic
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test", "pool")
+HELD_OUT_FRACTION = Fraction(1, 10)  # of the sample, for val and for test each
+MIN_ROWS_PER_CLASS = 3  # one each for train, val and test
+TEXT_ONLY = "text-only"
+_DEFAULT_FIELDS = FieldMap()
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+@dataclass
+class Validation:
+    """Indices (into `LoadedSource.records`) of the usable and text-only rows, and the rejections."""
+
+    usable: list[int]
+    text_only: list[int]
+    rejected: list[dict]  # {id, locator, reason, uses}, in source order
+    rejected_counts: dict[str, int]  # by kind of reason
+
+
+def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool = True,
+             progress: bool = False) -> Validation:
+    """Sort every row of `loaded` into usable, text-only or rejected (see the module docstring).
+
+    With `check_images` False images are only checked to exist and be non-empty (no decoding).
+    `strict` turns the first rejection into a ClipmedError.
+    """
+    rejected: list[dict] = []
+    counts: Counter[str] = Counter()
+
+    def reject(rec_id: str | None, locator: str, kind: str, reason: str, uses: str) -> None:
+        if strict:
+            raise ClipmedError(f"{locator}: {reason} (--strict stops at the first unusable row; "
+                               f"without it such rows are listed in rejected.jsonl and skipped)")
+        rejected.append({"id": rec_id, "locator": locator, "reason": reason, "uses": uses})
+        counts[kind] += 1
+
+    for locator, problem in loaded.problems:
+        reject(None, locator, "unparseable row", f"unparseable row: {problem}", "none")
+
+    paths = sorted({record.image_path for record in loaded.records if record.image_path})
+    image_faults = _check_paths(paths, decode=check_images, progress=progress)
+
+    first_seen: dict[str, str] = {}
+    usable: list[int] = []
+    text_only: list[int] = []
+    for index, record in enumerate(loaded.records):
+        locator = loaded.locators[index]
+        if record.id in first_seen:
+            reject(record.id, locator, "duplicate id",
+                   f"duplicate id (first seen at {first_seen[record.id]})", "none")
+            continue
+        first_seen[record.id] = locator
+        caption_fault = ("missing caption" if record.caption is None
+                         else "empty caption" if not record.caption.strip() else None)
+        image_fault = image_faults[record.image_path] if record.image_path else "no image path"
+        if caption_fault and image_fault:
+            reject(record.id, locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
+        elif caption_fault:
+            reject(record.id, locator, caption_fault, caption_fault, "none")
+        elif image_fault:
+            reject(record.id, locator, image_fault.split(":")[0],
+                   f"{image_fault} (kept as a text-only row)", TEXT_ONLY)
+            text_only.append(index)
+        else:
+            usable.append(index)
+    return Validation(usable, text_only, rejected, dict(counts))
+
+
+def _check_paths(paths: list[str], *, decode: bool, progress: bool) -> dict[str, str | None]:
+    if not decode:
+        return {path: _stat_fault(path) for path in paths}
+    from tqdm import tqdm  # only here: the progress bar of the one slow step
+
+    # PIL releases the GIL while decoding, so threads use every core without pickling overhead.
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(check_image, paths), total=len(paths),
+                            desc="checking images", unit="img", disable=not progress))
+    return dict(zip(paths, results))
+
+
+def _stat_fault(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return "missing file"
+    return "zero-byte file" if os.path.getsize(path) == 0 else None
+
+
+# --- the split itself (pure) --------------------------------------------------------------------
+
+class SplitRow(NamedTuple):
+    """What the split needs of a usable row: its id, clean label (None: unlabeled) and group."""
+
+    id: str
+    label: str | None
+    group: str | None
+
+
+@dataclass
+class SplitPlan:
+    """Sorted ids per split; `held_out` are rows dropped because their group went to val/test."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    pool: list[str]
+    held_out: list[str]
+    held_out_groups: set[str]
+    sampled: dict[str, int]  # rows per class in the stratified sample
+    train_cap: int
+
+    @property
+    def sample_size(self) -> int:
+        return sum(self.sampled.values())
+
+
+def assign_splits(rows: Sequence[SplitRow], classes: Sequence[str], *, n: int, seed: int) -> SplitPlan:
+    """Steps 1-4 of the module docstring on rows that already passed validation (unique ids)."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[str]] = {name: [] for name in classes}
+    for row in rows:
+        if row.label is not None:
+            by_class[row.label].append(row.id)
+    for name, ids in by_class.items():
+        if len(ids) < MIN_ROWS_PER_CLASS:
+            raise ClipmedError(
+                f"class {name!r} has {len(ids)} usable labeled rows; each class needs at least "
+                f"{MIN_ROWS_PER_CLASS} (one each for train, val and test): raise --min-class-count "
+                f"or leave it out of --classes")
+
+    # 1. Stratified sample.
+    quotas = _sample_quotas({name: len(ids) for name, ids in by_class.items()}, n)
+    sample = {name: sorted(rng.sample(sorted(ids), quotas[name])) for name, ids in by_class.items()}
+
+    # 2. Val and test, whole groups at a time.
+    group_of = {row.id: row.group for row in rows}
+    label_of = {row.id: row.label for row in rows}
+    units = _units((rid for ids in sample.values() for rid in ids), group_of, label_of)
+    rng.shuffle(units)
+    sizes = {name: len(ids) for name, ids in sample.items()}
+    targets = _held_out_targets(sizes)
+    exact = {name: float(size * HELD_OUT_FRACTION) for name, size in sizes.items()}
+    taken: set[int] = set()
+    test = _fill(units, taken, targets, exact)
+    val = _fill(units, taken, targets, exact)
+    for split_name, ids in (("val", val), ("test", test)):
+        have = Counter(label_of[rid] for rid in ids)
+        for name in classes:
+            if have[name] == 0:
+                raise ClipmedError(
+                    f"class {name!r}: none of its rows could go to {split_name} without putting one group "
+                    f"in two splits (its {sizes[name]} sampled rows come from too few groups); raise "
+                    f"--min-class-count, leave it out of --classes, or choose another --group-field")
+    held_out_groups = {group_of[rid] for rid in val + test if group_of[rid] is not None}
+    held = set(val) | set(test)
+
+    # 3. Train: the rest of the sample, capped per class.
+    budget = sum(quotas.values()) - len(val) - len(test)
+    cap = budget // len(classes)
+    train: list[str] = []
+    for name in classes:
+        rest = [rid for rid in sample[name] if rid not in held]
+        if not rest:
+            raise ClipmedError(
+                f"class {name!r}: no row left for train after val and test took whole groups; raise "
+                f"--min-class-count, leave it out of --classes, or choose another --group-field")
+        rng.shuffle(rest)
+        train.extend(rest[:cap])
+
+    # 4. Pool: everything usable outside val/test and their groups.
+    pool, held_out = [], []
+    for row in rows:
+        if row.id in held:
+            continue
+        if row.group is not None and row.group in held_out_groups:
+            held_out.append(row.id)
+        else:
+            pool.append(row.id)
+    return SplitPlan(sorted(train), sorted(val), sorted(test), sorted(pool), sorted(held_out),
+                     held_out_groups, quotas, cap)
+
+
+def _largest_remainder(exact: dict[str, Fraction], total: int) -> dict[str, int]:
+    """Integers summing to `total`, each the floor or ceiling of its exact share (ties: input order)."""
+    counts = {name: int(share) for name, share in exact.items()}  # floor: shares are non-negative
+    order = sorted(exact, key=lambda name: -(exact[name] - counts[name]))  # stable: ties keep order
+    for name in order[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def _sample_quotas(sizes: dict[str, int], n: int) -> dict[str, int]:
+    total = sum(sizes.values())
+    if n >= total:
+        return dict(sizes)
+    if n < MIN_ROWS_PER_CLASS * len(sizes):
+        raise ClipmedError(f"--n {n} is too small for {len(sizes)} classes: each class needs at least "
+                           f"{MIN_ROWS_PER_CLASS} sampled rows; use --n {MIN_ROWS_PER_CLASS * len(sizes)} "
+                           f"or more")
+    quotas = _largest_remainder({name: Fraction(size * n, total) for name, size in sizes.items()}, n)
+    for name in quotas:
+        quotas[name] = max(quotas[name], MIN_ROWS_PER_CLASS)
+    # Raising small classes to the minimum overshoots n; take the excess back from the largest quotas.
+    while sum(quotas.values()) > n:
+        largest = max(quotas, key=lambda name: quotas[name])
+        quotas[largest] -= 1
+    return quotas
+
+
+def _held_out_targets(sizes: dict[str, int]) -> dict[str, int]:
+    total = round(sum(sizes.values()) * HELD_OUT_FRACTION)
+    counts = _largest_remainder({name: size * HELD_OUT_FRACTION for name, size in sizes.items()}, total)
+    return {name: max(1, count) for name, count in counts.items()}
+
+
+@dataclass
+class _Unit:
+    """Rows that must stay together: the sampled rows of one group, or one ungrouped row."""
+
+    ids: list[str]
+    counts: Counter[str]
+
+
+def _units(ids: Iterable[str], group_of: dict[str, str | None], label_of: dict[str, str | None]) -> list[_Unit]:
+    grouped: dict[str, list[str]] = {}
+    units: list[_Unit] = []
+    for rid in ids:
+        group = group_of[rid]
+        if group is None:
+            units.append(_Unit([rid], Counter([label_of[rid]])))
+        else:
+            grouped.setdefault(group, []).append(rid)
+    for group in sorted(grouped):
+        members = sorted(grouped[group])
+        units.append(_Unit(members, Counter(label_of[rid] for rid in members)))
+    units.sort(key=lambda unit: unit.ids[0])  # a fixed order before the seeded shuffle
+    return units
+
+
+def _fill(units: list[_Unit], taken: set[int], targets: dict[str, int],
+          exact: dict[str, float]) -> list[str]:
+    """Take whole units until each class meets its target.
+
+    First pass: units that overshoot no class (exact when enough small groups exist). Second pass, for
+    targets large groups left unmet: units that bring the class counts closer to their exact shares.
+    """
+    have: Counter[str] = Counter()
+    chosen: list[str] = []
+
+    def take(position: int, unit: _Unit) -> None:
+        taken.add(position)
+        have.update(unit.counts)
+        chosen.extend(unit.ids)
+
+    for position, unit in enumerate(units):
+        if position in taken:
+            continue
+        if any(have[c] < targets[c] for c in unit.counts) and \
+                all(have[c] + k <= targets[c] for c, k in unit.counts.items()):
+            take(position, unit)
+    if any(have[c] < targets[c] for c in targets):
+        for position, unit in enumerate(units):
+            if position in taken:
+                continue
+            gain = sum(abs(have[c] + k - exact[c]) - abs(have[c] - exact[c]) for c, k in unit.counts.items())
+            if gain < 0:
+                take(position, unit)
+    return chosen
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = None,
+            fields: FieldMap = _DEFAULT_FIELDS, image_root: str | None = None,
+            classes: Sequence[str] | None = None, min_class_count: int = DEFAULT_MIN_CLASS_COUNT,
+            n: int = 4096, seed: int = 0, strict: bool = False, check_images: bool = True,
+            progress: bool = True) -> dict:
+    """Validate and split a dataset; write ``out_dir/split.json`` and ``out_dir/rejected.jsonl``.
+
+    Returns a summary: output paths, classes, split sizes, counts (as in split.json), warnings, seconds.
+    """
+    started = time.perf_counter()
+    if n < 1:
+        raise ClipmedError(f"--n must be at least 1, not {n}")
+    loaded = load_source(source_path, fmt=fmt, fields=fields, image_root=image_root)
+    checked = validate(loaded, strict=strict, check_images=check_images, progress=progress)
+    records = loaded.records
+    class_list, labels = _classes_of(loaded, checked, fields, classes, min_class_count)
+    rows = [SplitRow(records[i].id, label, strip_label(records[i].group))
+            for i, label in zip(checked.usable, labels)]
+    plan = assign_splits(rows, class_list, n=n, seed=seed)
+
+    text_only = sorted(records[i].id for i in checked.text_only
+                       if strip_label(records[i].group) not in plan.held_out_groups)
+    label_of = {row.id: row.label for row in rows}
+    pool_labeled = sum(label_of[rid] is not None for rid in plan.pool)
+    splits = {"train": plan.train, "val": plan.val, "test": plan.test, "pool": plan.pool}
+    counts = {
+        **{name: _per_class(splits[name], label_of, class_list) for name in ("train", "val", "test")},
+        "pool": {"labeled": pool_labeled, "unlabeled": len(plan.pool) - pool_labeled},
+        "rejected": dict(sorted(checked.rejected_counts.items())),
+        "rejected_total": len(checked.rejected),
+        "rows": len(records) + len(loaded.problems),
+        "usable": len(rows),
+        "labeled": sum(label is not None for label in labels),
+        "unlabeled": sum(label is None for label in labels),
+        "sample": dict(plan.sampled),
+        "train_cap": plan.train_cap,
+        "held_out_by_group": len(plan.held_out),
+        "text_only": len(text_only),
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": {"path": loaded.path, "format": loaded.format, "image_root": loaded.image_root,
+                   "fingerprint": loaded.fingerprint},
+        "fields": dataclasses.asdict(fields),
+        "seed": seed,
+        "n": n,
+        "classes": class_list,
+        "min_class_count": min_class_count,
+        "check_images": check_images,
+        "splits": splits,
+        "text_only": text_only,
+        "counts": counts,
+    }
+    out = Path(out_dir)
+    write_json_atomic(out / "split.json", manifest)
+    write_text_atomic(out / "rejected.jsonl", "".join(
+        json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n" for entry in checked.rejected))
+
+    warnings = [f"class {name!r} has {count} train rows, under the per-class cap of {plan.train_cap}"
+                for name, count in counts["train"].items() if count < plan.train_cap]
+    return {
+        "split_json": str(out / "split.json"),
+        "rejected_jsonl": str(out / "rejected.jsonl"),
+        "classes": class_list,
+        "sizes": {name: len(ids) for name, ids in splits.items()} | {"text_only": len(text_only)},
+        "counts": counts,
+        "warnings": warnings,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _per_class(ids: list[str], label_of: dict[str, str | None], classes: list[str]) -> dict[str, int]:
+    have = Counter(label_of[rid] for rid in ids)
+    return {name: have[name] for name in classes}
+
+
+def _classes_of(loaded: LoadedSource, checked: Validation, fields: FieldMap,
+                classes: Sequence[str] | None, min_class_count: int) -> tuple[list[str], list[str | None]]:
+    """Classes and clean labels of the usable rows, or a ClipmedError saying why nothing is usable."""
+    records = loaded.records
+    if not checked.usable:
+        reasons = ", ".join(f"{kind} {count}" for kind, count in
+                            Counter(checked.rejected_counts).most_common(3)) or "no rows"
+        raise ClipmedError(
+            f"{loaded.path}: no usable row (image and caption both fine) among "
+            f"{len(records) + len(loaded.problems)} ({reasons}); check --image-root, --image-field "
+            f"'{fields.image_field}' and --caption-field '{fields.caption_field}'")
+    labelset = clean_labels([records[i].label for i in checked.usable], classes=classes,
+                            min_class_count=min_class_count)
+    if not any(label is not None for label in labelset.labels):
+        values = Counter(strip_label(records[i].label) for i in checked.usable)
+        values.pop(None, None)
+        common = ", ".join(f"{value!r} {count}" for value, count in values.most_common(5)) or "none"
+        wanted = (f"--classes {', '.join(labelset.classes)}" if classes is not None
+                  else f"--min-class-count {min_class_count}")
+        raise ClipmedError(
+            f"{loaded.path}: none of the {len(checked.usable)} usable rows has a class label with "
+            f"{wanted} (label field '{fields.label_field}'; most common values: {common}); pass "
+            f"--label-field, --classes or a lower --min-class-count")
+    return labelset.classes, labelset.labels
+
+
+# --- reading a prepared split back --------------------------------------------------------------
+
+@dataclass
+class PreparedData:
+    """A prepared split with its source re-loaded: records per split carry the clean label (or None)."""
+
+    directory: Path
+    manifest: dict
+    classes: list[str]
+    source: LoadedSource
+    by_id: dict[str, Record]
+
+    def records(self, split: str) -> list[Record]:
+        """The records of `split` (train, val, test or pool), in the manifest's (sorted) order."""
+        if split not in SPLITS:
+            raise ClipmedError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+        return [self.by_id[rid] for rid in self.manifest["splits"][split]]
+
+    def text_only_records(self) -> list[Record]:
+        """Rows whose image is unusable but whose caption is fine (text-only objectives)."""
+        return [self.by_id[rid] for rid in self.manifest["text_only"]]
+
+    def label_index(self, record: Record) -> int:
+        """The class index of a labeled record (ValueError for an unlabeled one)."""
+        if record.label is None or record.label not in self.classes:
+            raise ValueError(f"record {record.id} has no class label")
+        return self.classes.index(record.label)
+
+
+def load_prepared(directory: str | os.PathLike) -> PreparedData:
+    """Read ``split.json`` in `directory` and re-load its source, which must not have changed since."""
+    directory = Path(directory)
+    path = directory / "split.json"
+    if not path.is_file():
+        raise ClipmedError(f"{directory}: no split.json; run `clipmed prepare` with --out {directory} first")
+    manifest = read_json(path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ClipmedError(f"{path}: split format version {manifest.get('format_version')}, this clipmed "
+                           f"reads version {FORMAT_VERSION}; re-run `clipmed prepare`")
+    source = manifest["source"]
+    loaded = load_source(source["path"], fmt=source["format"], fields=FieldMap(**manifest["fields"]),
+                         image_root=source["image_root"])
+    if loaded.fingerprint != source["fingerprint"]:
+        raise ClipmedError(f"{source['path']} changed since `clipmed prepare` wrote {path}; re-run prepare "
+                           f"to split the current data")
+    classes = list(manifest["classes"])
+    known = set(classes)
+    by_id: dict[str, Record] = {}
+    for record in loaded.records:
+        if record.id not in by_id:  # duplicates were rejected in prepare: the first one counts
+            label = strip_label(record.label)
+            by_id[record.id] = dataclasses.replace(record, label=label if label in known else None,
+                                                   group=strip_label(record.group))
+    wanted = [rid for ids in manifest["splits"].values() for rid in ids] + manifest["text_only"]
+    missing = [rid for rid in wanted if rid not in by_id]
+    if missing:
+        raise ClipmedError(f"{path}: {len(missing)} ids (e.g. {missing[0]}) are not in {source['path']}; "
+                           f"re-run `clipmed prepare`")
+    return PreparedData(directory, manifest, classes, loaded, by_id)
+
+
+def load_for_evaluation(source: str, *, fmt: str | None = None, fields: FieldMap = _DEFAULT_FIELDS,
+                        image_root: str | None = None, classes: Sequence[str] | None = None,
+                        min_class_count: int = DEFAULT_MIN_CLASS_COUNT, check_images: bool = True,
+                        progress: bool = False) -> tuple[list[Record], list[str]]:
+    """Every usable labeled row of a dataset that was never prepared, with the classes (source order).
+
+    Rows are validated exactly as in `prepare`; unlabeled and rejected rows are left out.
+    """
+    loaded = load_source(source, fmt=fmt, fields=fields, image_root=image_root)
+    checked = validate(loaded, check_images=check_images, progress=progress)
+    class_list, labels = _classes_of(loaded, checked, fields, classes, min_class_count)
+    records = [dataclasses.replace(loaded.records[i], label=label, group=strip_label(loaded.records[i].group))
+               for i, label in zip(checked.usable, labels) if label is not None]
+    return records, class_list

@@ -1,0 +1,263 @@
+"""Classification and retrieval metrics: numpy arrays in, JSON-able dicts out (plain floats and ints).
+
+Conventions shared by every function here:
+- Ties: items with equal scores rank by ascending index (a stable sort of descending scores). The top-1
+  prediction is therefore `argmax` (the first maximum), and every number is deterministic.
+- Intervals: 95% percentile bootstrap over rows (samples, queries) drawn with `numpy.random.default_rng(seed)`,
+  so identical input gives identical output, byte for byte after `json.dumps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from clipmed.errors import ClipmedError
+
+# Bootstrap indices held in memory at once (resamples x rows); bounds memory for large test sets.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def classification_metrics(
+    scores: np.ndarray, labels: np.ndarray, classes: Sequence[str], *, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """Score a [N, C] matrix (higher = more likely) against true class indices [N].
+
+    Returns the evaluate JSON the report reads:
+    `{"n", "classes", "top1", "top3", "macro_f1", "balanced_accuracy", "majority_rate",
+      "ci95": {"top1": [lo, hi], "top3": [lo, hi], "macro_f1": [lo, hi]},
+      "per_class": {name: {"n", "top1"}}, "confusion": {"classes", "matrix"}}`.
+    top-k counts the true class among the k highest scores (C < 3 makes top3 1.0). macro_f1 averages over
+    classes present in the labels or the predictions (sklearn's `average="macro", zero_division=0`).
+    balanced_accuracy averages recall over classes present in the labels. majority_rate is the accuracy of
+    always guessing the most frequent true class. per_class top1 is null for classes with no test rows.
+    Confusion rows are true classes, columns predicted. Intervals resample the rows (n_boot >= 1).
+    """
+    scores, labels, classes = _check_classification(scores, labels, classes)
+    _check_boot(n_boot)
+    n, n_classes = scores.shape
+    ranks = _ranks(scores, labels)
+    hit1 = (ranks < 1).astype(np.float64)
+    hit3 = (ranks < 3).astype(np.float64)
+    codes = labels * n_classes + np.argmax(scores, axis=1)
+    confusion = _confusions(codes[None, :], n_classes)[0]
+    support = confusion.sum(axis=1)
+    correct = np.diagonal(confusion)
+    present = support > 0
+
+    boot: dict[str, list[np.ndarray]] = {"top1": [], "top3": [], "macro_f1": []}
+    for idx in _resamples(n, n_boot, seed):
+        boot["top1"].append(hit1[idx].mean(axis=1))
+        boot["top3"].append(hit3[idx].mean(axis=1))
+        boot["macro_f1"].append(_macro_f1(_confusions(codes[idx], n_classes)))
+
+    return {
+        "n": int(n),
+        "classes": classes,
+        "top1": float(hit1.mean()),
+        "top3": float(hit3.mean()),
+        "macro_f1": float(_macro_f1(confusion)),
+        "balanced_accuracy": float(np.mean(correct[present] / support[present])),
+        "majority_rate": float(support.max() / n),
+        "ci95": {name: _interval(np.concatenate(parts)) for name, parts in boot.items()},
+        "per_class": {
+            name: {"n": int(support[c]), "top1": float(correct[c] / support[c]) if support[c] else None}
+            for c, name in enumerate(classes)
+        },
+        "confusion": {"classes": classes, "matrix": confusion.tolist()},
+    }
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> float:
+    """Macro F1 of predicted class indices, with the same convention as `classification_metrics`."""
+    codes = np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(predictions, dtype=np.int64)
+    return float(_macro_f1(_confusions(codes[None, :], n_classes)[0]))
+
+
+def retrieval_metrics(
+    similarity: np.ndarray,
+    *,
+    image_labels: np.ndarray | None = None,
+    text_labels: np.ndarray | None = None,
+    pairs: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 2, 5, 10),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Image->text and text->image retrieval from a [N_img, N_txt] similarity matrix.
+
+    `pairs[i]` is the index of the text paired with image i (default: identity, which needs a square matrix).
+    Recall@K: the paired item is among the top K (a text paired with several images counts its best one;
+    texts paired with no image are not recall queries). Precision@K (MedCLIP's table): share of the top K
+    retrieved items whose label equals the query's; needs both `image_labels` and `text_labels`, integer class
+    indices with -1 for "no label" (unlabelled queries are skipped, unlabelled candidates never match); K is
+    capped at the number of candidates. `mean_recall_at_1` averages R@1 over both directions (checkpoint
+    selection). Returns `{"n_images", "n_texts", "ks", "mean_recall_at_1", "image_to_text": {...},
+    "text_to_image": {...}}`, each direction `{"n_queries", "recall_at": {"1": x, ...}, "ci95": {"recall@1":
+    [lo, hi], ...}}` plus, with labels, `"n_labelled_queries"`, `"precision_at"` and `"precision@K"` intervals.
+    """
+    sim = _check_finite_matrix(similarity, "similarity")
+    _check_boot(n_boot)
+    n_img, n_txt = sim.shape
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if pairs is None:
+        if n_img != n_txt:
+            raise ValueError(f"a {n_img}x{n_txt} similarity matrix needs `pairs` (text index per image)")
+        pairs = np.arange(n_img)
+    pairs = _check_indices(pairs, n_img, n_txt, "pairs")
+    if (image_labels is None) != (text_labels is None):
+        raise ValueError("give both image_labels and text_labels (or neither) for precision@K")
+    if image_labels is not None:
+        image_labels = _check_indices(image_labels, n_img, None, "image_labels")
+        text_labels = _check_indices(text_labels, n_txt, None, "text_labels")
+
+    i2t_ranks = _ranks(sim, pairs)
+    # Row i: every image's similarity to the text paired with image i; rank image i among them.
+    image_ranks = _ranks(sim[:, pairs].T, np.arange(n_img))
+    text_ranks = np.full(n_txt, n_img, dtype=np.int64)
+    np.minimum.at(text_ranks, pairs, image_ranks)
+    t2i_ranks = text_ranks[np.isin(np.arange(n_txt), pairs)]
+
+    i2t = _direction(i2t_ranks, sim, image_labels, text_labels, ks, n_boot, seed)
+    t2i = _direction(t2i_ranks, sim.T, text_labels, image_labels, ks, n_boot, seed)
+    return {
+        "n_images": int(n_img),
+        "n_texts": int(n_txt),
+        "ks": ks,
+        "mean_recall_at_1": float(((i2t_ranks < 1).mean() + (t2i_ranks < 1).mean()) / 2),
+        "image_to_text": i2t,
+        "text_to_image": t2i,
+    }
+
+
+def _direction(
+    ranks: np.ndarray,
+    sim: np.ndarray,
+    query_labels: np.ndarray | None,
+    candidate_labels: np.ndarray | None,
+    ks: list[int],
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """Recall@K (and precision@K with labels) for queries along the rows of `sim`."""
+    recall = np.stack([(ranks < k).astype(np.float64) for k in ks], axis=1)
+    out: dict = {
+        "n_queries": int(len(ranks)),
+        "recall_at": {str(k): float(v) for k, v in zip(ks, recall.mean(axis=0))},
+        "ci95": {f"recall@{k}": ci for k, ci in zip(ks, _bootstrap_means(recall, n_boot, seed))},
+    }
+    if query_labels is None:
+        return out
+    labelled = query_labels >= 0
+    out["n_labelled_queries"] = int(labelled.sum())
+    if not labelled.any():
+        return out
+    precision = _precision_at(sim[labelled], query_labels[labelled], candidate_labels, ks)
+    out["precision_at"] = {str(k): float(v) for k, v in zip(ks, precision.mean(axis=0))}
+    out["ci95"].update(
+        {f"precision@{k}": ci for k, ci in zip(ks, _bootstrap_means(precision, n_boot, seed))}
+    )
+    return out
+
+
+def _precision_at(sim: np.ndarray, query_labels: np.ndarray, candidate_labels: np.ndarray, ks: list[int]) -> np.ndarray:
+    """[queries, len(ks)] share of the top-K candidates (K capped at their number) with the query's label."""
+    n_cand = sim.shape[1]
+    depth = min(max(ks), n_cand)
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :depth]
+    hits = np.cumsum(candidate_labels[top] == query_labels[:, None], axis=1)
+    return np.stack([hits[:, min(k, n_cand) - 1] / min(k, n_cand) for k in ks], axis=1)
+
+
+def _ranks(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """0-based rank of scores[i, target[i]] within row i (descending; ties rank the lower index first)."""
+    rows = np.arange(scores.shape[0])
+    own = scores[rows, target][:, None]
+    before = np.arange(scores.shape[1])[None, :] < target[:, None]
+    return (scores > own).sum(axis=1) + ((scores == own) & before).sum(axis=1)
+
+
+def _confusions(codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """[B, C, C] confusion matrices from [B, N] codes `true * C + predicted`, one bincount for the batch."""
+    cells = n_classes * n_classes
+    offsets = np.arange(codes.shape[0])[:, None] * cells
+    counts = np.bincount((codes + offsets).ravel(), minlength=codes.shape[0] * cells)
+    return counts.reshape(codes.shape[0], n_classes, n_classes)
+
+
+def _macro_f1(confusion: np.ndarray) -> np.ndarray:
+    """Macro F1 of [..., C, C] confusion matrices: F1 = 2TP / (2TP + FP + FN) over classes in labels or predictions."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    denominator = confusion.sum(axis=-1) + confusion.sum(axis=-2)
+    present = denominator > 0
+    f1 = np.divide(2.0 * tp, denominator, out=np.zeros(denominator.shape), where=present)
+    return f1.sum(axis=-1) / present.sum(axis=-1)
+
+
+def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Bootstrap row indices in [block, n] batches; the same (n, n_boot, seed) always yields the same draws."""
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_ELEMENTS // n)
+    for start in range(0, n_boot, block):
+        yield rng.integers(0, n, size=(min(block, n_boot - start), n))
+
+
+def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> list[list[float]]:
+    """Percentile interval of the column means of [n, m] values, the same resamples for every column."""
+    blocks = [
+        np.stack([column[idx].mean(axis=1) for column in values.T], axis=1)
+        for idx in _resamples(len(values), n_boot, seed)
+    ]
+    stats = np.concatenate(blocks)
+    return [_interval(stats[:, j]) for j in range(stats.shape[1])]
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def _check_boot(n_boot: int) -> None:
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+
+
+def _check_finite_matrix(matrix: np.ndarray, name: str) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise ClipmedError(
+            f"{name} contains NaN or infinite values: the model produced non-finite embeddings "
+            "(diverged training or a broken checkpoint); retrain with a lower learning rate or check the weights"
+        )
+    return matrix
+
+
+def _check_indices(values: np.ndarray, length: int, upper: int | None, name: str) -> np.ndarray:
+    """Integer array of `length`, each in [0, upper) (or >= -1 when `upper` is None, -1 meaning "no label")."""
+    values = np.asarray(values)
+    if values.shape != (length,) or (values.size and not np.issubdtype(values.dtype, np.integer)):
+        raise ValueError(f"{name} must be {length} integers, got shape {values.shape} dtype {values.dtype}")
+    values = values.astype(np.int64)
+    low = 0 if upper is not None else -1
+    if values.size and (values.min() < low or (upper is not None and values.max() >= upper)):
+        raise ValueError(f"{name} has values outside [{low}, {upper if upper is not None else 'inf'})")
+    return values
+
+
+def _check_classification(
+    scores: np.ndarray, labels: np.ndarray, classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if len(np.asarray(labels)) == 0:
+        raise ClipmedError("no test rows to evaluate: the test split is empty; re-run prepare with a larger test share")
+    scores = _check_finite_matrix(scores, "scores")
+    classes = [str(name) for name in classes]
+    if scores.shape[1] != len(classes):
+        raise ValueError(f"scores have {scores.shape[1]} columns but there are {len(classes)} classes")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"class names must be unique, got {classes}")
+    return scores, _check_indices(labels, scores.shape[0], len(classes), "labels"), classes

@@ -1,0 +1,43 @@
+"""Prompt templates for zero-shot classification with prompt ensembles (``resources/prompts.yaml``).
+
+Templates are keyed by the kind of label field they describe (``body_part``, ``modality``); any other field
+uses ``default``. The first template of each list is the single prompt of the MedCLIP/CLIP papers,
+"A medical image of {label}", so a one-prompt run and the first member of an ensemble agree.
+"""
+
+from __future__ import annotations
+
+import string
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from clipmed.errors import ClipmedError
+
+
+def load_templates(label_field: str, path: str | Path | None = None) -> list[str]:
+    """Templates (each with one ``{label}`` placeholder) for a label field, falling back to ``default``."""
+    if path is None:
+        text = resources.files("clipmed").joinpath("resources/prompts.yaml").read_text(encoding="utf-8")
+        source = "clipmed/resources/prompts.yaml"
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ClipmedError(f"prompt template file not found: {p}")
+        text, source = p.read_text(encoding="utf-8"), str(p)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ClipmedError(f"prompt template file {source} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ClipmedError(f"prompt template file {source} must map label fields to lists of templates")
+    key = label_field if label_field in data else "default"
+    templates = data.get(key)
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+        raise ClipmedError(f"prompt template file {source}: {key!r} must be a non-empty list of strings")
+    for t in templates:
+        fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+        if fields != ["label"]:
+            raise ClipmedError(f"prompt template {t!r} in {source} must contain exactly one {{label}} and no other fields")
+    return list(templates)

@@ -1,0 +1,266 @@
+"""prepare: validation, the paper's split, split.json / rejected.jsonl, and reading them back."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipmed.data.records import FieldMap
+from clipmed.data.sources import FORMATS
+from clipmed.data.split import load_for_evaluation, load_prepared, prepare
+from clipmed.errors import ClipmedError
+
+COUNTS = {"A": 60, "B": 35, "C": 22, "rare": 5, None: 20}
+GROUPED = FieldMap(group_field="article")
+
+
+def _prepare(source, out, **options):
+    return prepare(str(source), out, progress=False, **options)
+
+
+def _split(out) -> dict:
+    return json.loads((Path(out) / "split.json").read_text())
+
+
+def _rejected(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "rejected.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def source(tmp_path, kit):
+    """An imagefolder: classes A, B, C; `rare` (5 rows) and null labels are unlabeled; groups of 3."""
+    rows = kit.rows(tmp_path / "src", COUNTS, group_size=3)
+    return Path(kit.write("imagefolder", tmp_path / "src", rows)), rows
+
+
+def test_sizes_stratification_cap_and_pool(tmp_path, source):
+    path, rows = source
+    summary = _prepare(path, tmp_path / "out")
+    manifest = _split(tmp_path / "out")
+    labels = {row["id"]: row["body_part"] for row in rows}
+    splits = manifest["splits"]
+    assert manifest["classes"] == summary["classes"] == ["A", "B", "C"]
+    sample = {"A": 60, "B": 35, "C": 22}
+    for name in ("val", "test"):
+        have = Counter(labels[rid] for rid in splits[name])
+        assert sum(have.values()) == 12  # 10% of 117, rounded
+        for cls, count in sample.items():
+            assert abs(have[cls] - count / 10) < 1
+        assert manifest["counts"][name] == dict(have)
+    cap = (117 - 24) // 3
+    train = Counter(labels[rid] for rid in splits["train"])
+    assert manifest["counts"]["train_cap"] == cap == 31
+    for cls, count in sample.items():
+        left = count - manifest["counts"]["val"][cls] - manifest["counts"]["test"][cls]
+        assert train[cls] == min(cap, left)
+    held = set(splits["val"]) | set(splits["test"])
+    assert not held & set(splits["pool"]) and not set(splits["val"]) & set(splits["test"])
+    assert set(splits["train"]) <= set(splits["pool"])
+    assert len(splits["pool"]) + len(held) + manifest["counts"]["held_out_by_group"] == len(rows)
+    pool_labels = Counter(labels[rid] in sample for rid in splits["pool"])
+    assert manifest["counts"]["pool"] == {"labeled": pool_labels[True], "unlabeled": pool_labels[False]}
+    assert manifest["counts"]["unlabeled"] == 25 and manifest["counts"]["rejected_total"] == 0
+    assert all(ids == sorted(ids) for ids in splits.values())
+    assert sorted(manifest) == ["check_images", "classes", "counts", "fields", "format_version",
+                                "min_class_count", "n", "seed", "source", "splits", "text_only"]
+    assert manifest["source"]["path"] == str(path) and manifest["source"]["format"] == "imagefolder"
+    assert summary["sizes"] == {"train": 31 + 27 + 18, "val": 12, "test": 12, "pool": len(splits["pool"]),
+                                "text_only": 0}
+
+
+def test_no_group_straddles_two_splits(tmp_path, source):
+    path, rows = source
+    for k, row in enumerate(rows[117:]):  # unlabeled rows join groups of labeled ones
+        row["article"] = rows[3 * k]["article"]
+    (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _prepare(path, tmp_path / "out", fields=GROUPED)
+    manifest = _split(tmp_path / "out")
+    group = {row["id"]: row["article"] for row in rows}
+    groups = {name: {group[rid] for rid in ids} for name, ids in manifest["splits"].items()}
+    assert not groups["val"] & groups["test"]
+    assert not (groups["val"] | groups["test"]) & (groups["train"] | groups["pool"])
+    # Rows of a val/test group that were not themselves held out belong to no split.
+    held_groups = groups["val"] | groups["test"]
+    everywhere = {rid for ids in manifest["splits"].values() for rid in ids}
+    assert manifest["counts"]["held_out_by_group"] == sum(
+        group[row["id"]] in held_groups and row["id"] not in everywhere for row in rows) > 0
+
+
+def test_same_seed_gives_identical_files_and_another_seed_another_split(tmp_path, source):
+    path, _ = source
+    for out in ("a", "b"):
+        _prepare(path, tmp_path / out, fields=GROUPED, seed=3)
+    assert (tmp_path / "a/split.json").read_bytes() == (tmp_path / "b/split.json").read_bytes()
+    assert (tmp_path / "a/rejected.jsonl").read_bytes() == (tmp_path / "b/rejected.jsonl").read_bytes()
+    _prepare(path, tmp_path / "c", fields=GROUPED, seed=4)
+    assert _split(tmp_path / "c")["splits"]["val"] != _split(tmp_path / "a")["splits"]["val"]
+
+
+def test_every_format_gives_the_same_split(tmp_path, kit):
+    rows = kit.rows(tmp_path, {"A": 25, "B": 20, None: 3}, group_size=2)
+    splits = {}
+    for fmt in FORMATS:
+        path = kit.write(fmt, tmp_path, rows)
+        image_root = str(tmp_path) if fmt == "pubmedvision" else None
+        _prepare(path, tmp_path / fmt, fields=GROUPED, image_root=image_root)
+        manifest = _split(tmp_path / fmt)
+        assert manifest["source"]["format"] == fmt
+        splits[fmt] = manifest["splits"]
+    assert all(split == splits["imagefolder"] for split in splits.values())
+
+
+def test_sampling_n_rows_stratified(tmp_path, source):
+    path, _ = source
+    summary = _prepare(path, tmp_path / "out", n=30)
+    counts = summary["counts"]
+    assert counts["sample"] == {"A": 15, "B": 9, "C": 6}
+    # Sample 15/9/6 (largest remainder of 15.4/9.0/5.6); val 3 rows: shares 1.5/0.9/0.6.
+    assert counts["val"] == counts["test"] == {"A": 1, "B": 1, "C": 1}
+    assert counts["train_cap"] == (30 - 6) // 3
+    # The pool keeps the labeled rows the sample left out.
+    assert counts["pool"]["labeled"] == 117 - 6
+    with pytest.raises(ClipmedError, match="--n 9"):
+        _prepare(path, tmp_path / "out", n=5)
+
+
+@pytest.fixture
+def dirty(tmp_path, kit, source):
+    """The fixture source plus one row of every kind of problem (and of every convertible image mode)."""
+    path, rows = source
+    images = path / "images"
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(images / "full.jpg")
+    data = (images / "full.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image")
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 900).save(images / "deep.png")
+    for name, mode in (("cmyk.jpg", "CMYK"), ("pal.png", "P"), ("alpha.png", "RGBA")):
+        kit.save_image(images / name, mode)
+    kit.png_header_only(images / "huge.png", 10_000, 10_000)
+    extra = [
+        ("bad-cut", "images/cut.jpg", "ok"), ("bad-missing", "images/missing.png", "ok"),
+        ("bad-empty", "images/empty.jpg", "ok"), ("bad-text", "images/text.jpg", "ok"),
+        ("bad-huge", "images/huge.png", "ok"), ("bad-none", None, "ok"),
+        ("ok-deep", "images/deep.png", "ok"), ("ok-cmyk", "images/cmyk.jpg", "ok"),
+        ("ok-pal", "images/pal.png", "ok"), ("ok-alpha", "images/alpha.png", "ok"),
+        ("bad-caption", "images/full.jpg", "   "), ("bad-null", "images/full.jpg", None),
+        ("bad-both", "images/missing.png", ""), (rows[0]["id"], "images/full.jpg", "duplicate"),
+    ]
+    for rid, image, caption in extra:
+        rows.append({"file_name": image, "id": rid, "caption": caption, "body_part": "A", "article": rid})
+    (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, rows
+
+
+def test_every_kind_of_bad_row_is_rejected_and_image_faults_keep_the_text(tmp_path, dirty):
+    path, _ = dirty
+    summary = _prepare(path, tmp_path / "out")
+    manifest = _split(tmp_path / "out")
+    rejected = {(entry["id"], entry["locator"]): entry for entry in _rejected(tmp_path / "out")}
+    by_id = {rid: entry for (rid, _), entry in rejected.items() if rid.startswith("bad")}
+    expected = {
+        "bad-cut": "truncated or corrupt image: ", "bad-missing": "missing file", "bad-empty": "zero-byte file",
+        "bad-text": "not an image", "bad-huge": "image too large: 10000x10000", "bad-none": "no image path",
+    }
+    for rid, reason in expected.items():
+        assert by_id[rid]["reason"].startswith(reason) and by_id[rid]["reason"].endswith("(kept as a text-only row)")
+        assert by_id[rid]["uses"] == "text-only"
+    assert manifest["text_only"] == sorted(expected)
+    assert by_id["bad-caption"] == {"id": "bad-caption", "locator": "metadata.jsonl:153",
+                                    "reason": "empty caption", "uses": "none"}
+    assert by_id["bad-null"]["reason"] == "missing caption"
+    assert by_id["bad-both"]["reason"] == "empty caption; missing file" and by_id["bad-both"]["uses"] == "none"
+    duplicate = rejected[("id0000", "metadata.jsonl:156")]
+    assert duplicate["reason"] == "duplicate id (first seen at metadata.jsonl:1)"
+    assert summary["counts"]["rejected"] == {
+        "duplicate id": 1, "empty caption": 1, "image too large": 1, "missing caption": 1, "missing file": 1,
+        "no image path": 1, "not an image": 1, "truncated or corrupt image": 1, "unusable caption and image": 1,
+        "zero-byte file": 1}
+    assert summary["counts"]["rejected_total"] == len(rejected) == 10
+    placed = {rid for ids in manifest["splits"].values() for rid in ids}
+    assert {"ok-deep", "ok-cmyk", "ok-pal", "ok-alpha"} <= placed
+    assert not placed & set(by_id)
+    prepared = load_prepared(tmp_path / "out")
+    assert [r.id for r in prepared.text_only_records()] == sorted(expected)
+
+
+def test_strict_mode_stops_at_the_first_rejection(tmp_path, dirty):
+    path, _ = dirty
+    with pytest.raises(ClipmedError, match=r"metadata\.jsonl:143: truncated or corrupt image.*--strict"):
+        _prepare(path, tmp_path / "out", strict=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_image_checks_only_existence_is_checked(tmp_path, dirty):
+    path, _ = dirty
+    summary = _prepare(path, tmp_path / "out", check_images=False)
+    assert summary["counts"]["rejected"]["missing file"] == 1
+    assert "truncated or corrupt image" not in summary["counts"]["rejected"]
+
+
+def test_nothing_usable_says_what_to_check(tmp_path, source):
+    path, rows = source
+    with pytest.raises(ClipmedError, match="no usable row.*missing file 142.*--image-root"):
+        _prepare(path, tmp_path / "out", image_root=str(tmp_path))
+    with pytest.raises(ClipmedError, match="none of the 142 usable rows.*'A' 60.*--min-class-count"):
+        _prepare(path, tmp_path / "out", min_class_count=100)
+
+
+def test_explicit_classes_order_and_too_small_classes(tmp_path, source):
+    path, _ = source
+    summary = _prepare(path, tmp_path / "out", classes=["C", "A"])
+    assert summary["classes"] == ["C", "A"] and _split(tmp_path / "out")["classes"] == ["C", "A"]
+    assert summary["counts"]["unlabeled"] == 35 + 5 + 20
+    prepared = load_prepared(tmp_path / "out")
+    first = prepared.records("train")[0]
+    assert prepared.label_index(first) == ["C", "A"].index(first.label)
+    with pytest.raises(ClipmedError, match="class 'nope' has 0 usable labeled rows.*--min-class-count"):
+        _prepare(path, tmp_path / "out2", classes=["A", "nope"])
+    # Every row in one group: no class can be spread over the splits.
+    with pytest.raises(ClipmedError, match="class 'A': none of its rows could go to val.*--group-field"):
+        _prepare(path, tmp_path / "out2", fields=FieldMap(group_field="license"))
+
+
+def test_load_prepared_gives_clean_records_per_split(tmp_path, source):
+    path, rows = source
+    raw = {row["id"]: row["body_part"] for row in rows}
+    _prepare(path, tmp_path / "out", fields=GROUPED)
+    prepared = load_prepared(tmp_path / "out")
+    assert prepared.classes == ["A", "B", "C"]
+    for split in ("train", "val", "test"):
+        records = prepared.records(split)
+        assert [r.id for r in records] == prepared.manifest["splits"][split]
+        assert all(r.label == raw[r.id] and r.image_path and r.group for r in records)
+    pool = prepared.records("pool")
+    assert {r.label for r in pool if raw[r.id] in (None, "rare")} == {None}
+    assert all(r.extra["license"] == "CC BY" for r in pool)
+    unlabeled = next(r for r in pool if r.label is None)
+    with pytest.raises(ValueError):
+        prepared.label_index(unlabeled)
+    with pytest.raises(ClipmedError, match="unknown split"):
+        prepared.records("validation")
+
+
+def test_load_prepared_refuses_a_changed_source(tmp_path, source):
+    path, rows = source
+    _prepare(path, tmp_path / "out")
+    with open(path / "metadata.jsonl", "a") as handle:
+        handle.write(json.dumps(dict(rows[0], id="new")) + "\n")
+    with pytest.raises(ClipmedError, match="changed since `clipmed prepare`.*re-run prepare"):
+        load_prepared(tmp_path / "out")
+    with pytest.raises(ClipmedError, match="no split.json"):
+        load_prepared(tmp_path / "elsewhere")
+
+
+def test_load_for_evaluation_returns_every_usable_labeled_row(tmp_path, dirty):
+    path, _ = dirty
+    records, classes = load_for_evaluation(str(path))
+    assert classes == ["A", "B", "C"]
+    assert len(records) == 60 + 35 + 22 + 4  # the four convertible images are labeled A
+    assert not any(r.id.startswith("bad") for r in records) and all(r.label in classes for r in records)

@@ -1,0 +1,131 @@
+"""Training: the loss falls, the run folder is complete and reopens identically, and resume is exact."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipmed.errors import ClipmedError
+from clipmed.training import train as train_module
+from clipmed.training.config import TrainConfig
+from clipmed.training.optim import build_optimizer
+from clipmed.training.train import epoch_order, train
+from conftest import tiny_dual
+
+
+def _config(prepared, model, out, **overrides) -> TrainConfig:
+    values = dict(data=str(prepared), model=str(model), out=str(out), objective="caption", epochs=3, batch_size=8,
+                  lr_pretrained=3e-3, lr_new=3e-3, checkpoint_every=2, precision="fp32", seed=0,
+                  # The tiny towers are random: their BatchNorm statistics mean nothing, so let them adapt.
+                  freeze_batchnorm=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _losses(run) -> list[float]:
+    with open(run / "metrics.csv") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("objective", ["caption", "label"])
+def test_training_lowers_the_loss_and_writes_a_complete_run(prepared_synthetic, tiny_dual_folder, tmp_path, objective):
+    run = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", objective=objective, epochs=4),
+                progress=False)
+    for part in ("model/model.safetensors", "model/clipmed_dual.json", "run.json", "checkpoints/last.pt", "metrics.csv"):
+        assert (run / part).exists(), part
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["seed"] == 0
+    assert info["split"].endswith("split.json")
+    assert "updated" in info["batchnorm"]
+    assert {g["origin"] for g in info["optimizer"]["groups"]} == {"new"}  # tiny towers are random: all "new"
+    assert info["environment"]["torch"] == torch.__version__
+    losses = _losses(run)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_label_rows_come_from_train_and_caption_rows_from_the_pool(prepared_synthetic):
+    from clipmed.data.split import load_prepared
+
+    prepared = load_prepared(prepared_synthetic)
+    label_rows = train_module.training_rows(prepared, TrainConfig(objective="label"))
+    caption_rows = train_module.training_rows(prepared, TrainConfig(objective="caption"))
+    assert {r.id for r in label_rows.records} == set(prepared.manifest["splits"]["train"])
+    assert {r.id for r in caption_rows.records} == set(prepared.manifest["splits"]["pool"])
+    assert label_rows.texts[0] == f"A medical image of {label_rows.records[0].label}"
+    held_out = set(prepared.manifest["splits"]["val"]) | set(prepared.manifest["splits"]["test"])
+    assert not held_out & {r.id for r in caption_rows.records}
+
+
+def test_resume_after_a_crash_gives_bitwise_identical_weights(prepared_synthetic, tiny_dual_folder, tmp_path, monkeypatch):
+    reference = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "a"), progress=False)
+
+    real_step, calls = train_module.training_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # mid-epoch, after the checkpoint at step 6
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "b"), progress=False)
+    monkeypatch.setattr(train_module, "training_step", real_step)
+    resumed = train(TrainConfig(out=str(tmp_path / "b")), resume=True, progress=False)
+
+    a = load_file(str(reference / "model" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(reference) == _losses(resumed)
+
+
+def test_an_existing_run_is_not_overwritten(prepared_synthetic, tiny_dual_folder, tmp_path):
+    config = _config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", max_steps=1, epochs=1)
+    train(config, progress=False)
+    with pytest.raises(ClipmedError, match="--resume"):
+        train(config, progress=False)
+
+
+def test_locking_a_tower_leaves_it_untouched(prepared_synthetic, tiny_dual_folder, tmp_path):
+    run = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", lock_image=True, epochs=1),
+                progress=False)
+    before = load_file(str(tiny_dual_folder / "model.safetensors"))
+    after = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("image_tower."))
+    assert not torch.equal(before["text_projection.weight"], after["text_projection.weight"])
+
+
+def test_frozen_batchnorm_keeps_running_statistics(prepared_synthetic, tiny_dual_folder, tmp_path):
+    run = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", epochs=1, freeze_batchnorm=True),
+                progress=False)
+    assert "frozen" in json.loads((run / "run.json").read_text())["batchnorm"]
+    before = load_file(str(tiny_dual_folder / "model.safetensors"))
+    after = load_file(str(run / "model" / "model.safetensors"))
+    stats = [k for k in before if k.endswith("running_mean") or k.endswith("running_var")]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert not torch.equal(before["image_tower._conv_stem.weight"], after["image_tower._conv_stem.weight"])
+
+
+def test_optimizer_groups_follow_parameter_origin_and_decay_rules():
+    model = tiny_dual()
+    model.config.towers_pretrained = True
+    optimizer, groups = build_optimizer(model, TrainConfig(lr_pretrained=1e-4, lr_new=1e-3, weight_decay=0.1))
+    by_key = {(g["origin"], g["weight_decay"]): g for g in groups}
+    assert by_key[("pretrained", 0.1)]["lr"] == 1e-4 and by_key[("new", 0.1)]["lr"] == 1e-3
+    assert ("new", 0.0) in by_key  # the temperature: new, never decayed
+    assert sum(g["n_params"] for g in groups) == sum(p.numel() for p in model.parameters())
+
+
+def test_clip_learning_rate_is_scaled_by_batch_size():
+    assert TrainConfig(batch_size=32).resolved_lr_clip() == pytest.approx(5e-4 * 32 / 32768)
+    assert TrainConfig(batch_size=32, lr_clip=1e-5).resolved_lr_clip() == 1e-5
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert torch.equal(epoch_order(50, 3, 1), epoch_order(50, 3, 1))
+    assert not torch.equal(epoch_order(50, 3, 1), epoch_order(50, 3, 2))
+    assert sorted(epoch_order(50, 3, 1).tolist()) == list(range(50))
