@@ -29,18 +29,19 @@ def reproduced(tmp_path_factory) -> Path:
     data = roco_subset(tmp_path_factory.mktemp("roco") / "subset")
     out = tmp_path_factory.mktemp("reproduce")
     status = main(["reproduce", "--data", str(data), "--out", str(out), "--group-field", "article",
-                   "--min-class-count", "10", "--caption-epochs", "2", "--label-epochs", "2", "--batch-size", "16"])
+                   "--min-class-count", "10", "--epochs", "2", "--batch-size", "16"])
     assert status == 0
     return out
 
 
 def test_reproduce_writes_every_output(reproduced):
     for part in ("prepared/split.json", "prepared/rejected.jsonl", "metrics.json", "report.md", "per_class.png",
+                 "embeddings.png", "runs/semantic/model",
                  "runs/caption/model", "runs/caption/run.json", "runs/caption/metrics.csv",
                  "runs/label/model", "runs/label/checkpoints/last.pt"):
         assert (reproduced / part).exists(), part
     metrics = json.loads((reproduced / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"base", "caption", "label"}
+    assert set(metrics["models"]) == {"base", "caption", "label", "semantic"}
     for result in metrics["models"].values():
         lo, hi = result["ci95"]["top1"]
         assert 0 <= lo <= result["top1"] <= hi <= 1
@@ -68,5 +69,5 @@ def test_reopened_run_gives_identical_metrics_json(reproduced, tmp_path):
 def test_rerunning_reproduce_resumes_without_retraining(reproduced):
     before = (reproduced / "runs" / "label" / "metrics.csv").read_text()
     assert main(["reproduce", "--data", "unused-because-prepared", "--out", str(reproduced), "--group-field", "article",
-                 "--caption-epochs", "2", "--label-epochs", "2", "--batch-size", "16"]) == 0
+                 "--epochs", "2", "--batch-size", "16"]) == 0
     assert (reproduced / "runs" / "label" / "metrics.csv").read_text() == before

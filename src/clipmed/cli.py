@@ -150,10 +150,13 @@ def cmd_entities(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from .pipeline import ReproduceConfig, reproduce
 
+    epochs = {name: value for name, value in (("caption", args.caption_epochs), ("label", args.label_epochs),
+                                              ("semantic", args.semantic_epochs)) if value is not None}
     config = ReproduceConfig(data=args.data, out=args.out, model=args.model, fmt=args.fmt, fields=_fields(args),
                              image_root=args.image_root, classes=_classes(args), min_class_count=args.min_class_count,
-                             n=args.n, seed=args.seed, train=_train_config(args),
-                             caption_epochs=args.caption_epochs, label_epochs=args.label_epochs)
+                             n=args.n, seed=args.seed, objectives=tuple(args.objectives.split(",")),
+                             train=_train_config(args), epochs=epochs, sweep=args.sweep,
+                             sweep_fractions=tuple(float(f) for f in args.fractions.split(",")))
     started = time.time()
     metrics = reproduce(config)
     for name, result in metrics["models"].items():
@@ -161,6 +164,24 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         print(f"{name:>8}: top-1 {100 * result['top1']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]  top-3 "
               f"{100 * result['top3']:.1f}%")
     print(f"elapsed {time.time() - started:.0f} s; report: {Path(args.out) / 'report.md'}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .data.split import load_prepared
+    from .io import write_json_atomic
+    from .pipeline import ReproduceConfig, sweep
+
+    config = ReproduceConfig(data=args.data, out=args.out, model=args.model, seed=args.seed,
+                             objectives=tuple(args.objectives.split(",")), train=_train_config(args),
+                             sweep_fractions=tuple(float(f) for f in args.fractions.split(",")))
+    points = sweep(load_prepared(args.data), Path(args.out), config)
+    write_json_atomic(Path(args.out) / "sweep.json", points)
+    for objective, rows in points.items():
+        for point in rows:
+            lo, hi = point["ci95"]
+            print(f"{objective:>9} {point['fraction']:>5g} n={point['n_train']:>5}: top-1 {100 * point['top1']:.1f}% "
+                  f"[{100 * lo:.1f}, {100 * hi:.1f}]")
+    print(f"figure: {Path(args.out) / 'data_efficiency.png'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.set_defaults(func=cmd_evaluate, label_field=None)
 
+    p = commands.add_parser("sweep", help="data efficiency: zero-shot top-1 against growing shares of train data")
+    p.add_argument("--data", required=True, help="prepared folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=DEFAULT_SPEC)
+    p.add_argument("--fractions", default="0.1,0.25,0.5,1")
+    p.add_argument("--objectives", default="caption,label,semantic")
+    _add_train_options(p, objective=False)
+    p.set_defaults(func=cmd_sweep)
+
     p = commands.add_parser("entities", help="concept coverage of a dataset's captions (knowledge extraction)")
     p.add_argument("data")
     p.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
@@ -209,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=DEFAULT_SPEC)
     p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--objectives", default="caption,label,semantic", help="fine-tuned models to compare with the base")
     p.add_argument("--caption-epochs", type=int)
     p.add_argument("--label-epochs", type=int)
+    p.add_argument("--semantic-epochs", type=int)
+    p.add_argument("--sweep", action="store_true", help="add the data-efficiency sweep (see `clipmed sweep`)")
+    p.add_argument("--fractions", default="0.1,0.25,0.5,1", help="train shares for --sweep")
     _add_data_options(p)
     _add_train_options(p, objective=False)
     p.set_defaults(func=cmd_reproduce)

@@ -1,8 +1,9 @@
-"""`clipmed reproduce`: the paper's experiment on any dataset of its shape, resumable step by step.
+"""`clipmed reproduce` and `clipmed sweep`: the papers' experiments on any dataset of their shape.
 
-prepare -> evaluate the base model -> fine-tune on captions -> fine-tune on labels -> evaluate all on test ->
-report (Table 1, per-class figure, data counts). Every step skips work whose complete output already exists,
-so an interrupted reproduce continues where it stopped.
+reproduce: prepare -> evaluate the base model -> fine-tune on captions, on labels and with MedCLIP's semantic
+matching -> evaluate every model on test (zero-shot, prompt ensemble, linear probe, retrieval) -> report with
+Table 1, per-class and embedding figures. Each step skips work whose complete output already exists, so an
+interrupted reproduce continues where it stopped (a half-trained run resumes from its checkpoint).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .data.records import FieldMap
-from .data.split import load_prepared, prepare
-from .evaluation.evaluate import EvalConfig, zero_shot_evaluation
+from .data.split import PreparedData, load_prepared, prepare
+from .evaluation.evaluate import EvalConfig, Embeddings, full_evaluation, zero_shot_evaluation
 from .io import read_json, write_json_atomic
+from .knowledge import load_templates
 from .models import DEFAULT_SPEC, load_model
-from .report.figures import per_class_figure
+from .report.figures import data_efficiency_figure, embedding_figure, per_class_figure
 from .report.markdown import write_report
 from .training.config import TrainConfig
 from .training.train import train
 
-FINE_TUNED = ("caption", "label")
+OBJECTIVES = ("caption", "label", "semantic")
 
 
 @dataclass
@@ -37,14 +39,36 @@ class ReproduceConfig:
     min_class_count: int = 20
     n: int = 4096
     seed: int = 0
+    objectives: tuple[str, ...] = OBJECTIVES
     train: TrainConfig = field(default_factory=TrainConfig)
-    caption_epochs: int | None = None
-    label_epochs: int | None = None
+    epochs: dict[str, int] = field(default_factory=dict)  # per objective, overriding train.epochs
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    sweep: bool = False
+    sweep_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _train_config(config: ReproduceConfig, prepared_dir: Path, run: Path, objective: str, **overrides) -> TrainConfig:
+    """The training config of one objective's run. The semantic model in the report uses concepts from
+    captions only: it answers how far unlabeled data goes (its checkpoint selection needs no labels either)."""
+    values = dict(data=str(prepared_dir), out=str(run), model=config.model, objective=objective, seed=config.seed,
+                  epochs=config.epochs.get(objective, config.train.epochs))
+    if objective == "semantic":
+        values["entities_from"] = "captions"
+    return replace(config.train, **{**values, **overrides})
+
+
+def train_or_resume(train_config: TrainConfig, *, progress: bool = True) -> Path:
+    """Train a run, resume it if it was interrupted, or leave it if it is complete."""
+    run = Path(train_config.out)
+    status = read_json(run / "run.json")["status"] if (run / "run.json").exists() else None
+    if status != "done":
+        _log(f"fine-tune: {train_config.objective} -> {run}" + (" (resuming)" if status else ""))
+        train(train_config, resume=status is not None, progress=progress)
+    return run
 
 
 def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
@@ -52,57 +76,86 @@ def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
     out = Path(config.out)
     prepared_dir = out / "prepared"
     if not (prepared_dir / "split.json").exists():
-        _log("[1/5] prepare")
+        _log("prepare")
         prepare(config.data, prepared_dir, fmt=config.fmt, fields=config.fields, image_root=config.image_root,
                 classes=config.classes, min_class_count=config.min_class_count, n=config.n, seed=config.seed,
                 progress=progress)
     prepared = load_prepared(prepared_dir)
-    test = prepared.records("test")
+    templates = load_templates(prepared.manifest["fields"]["label_field"] or "default")
 
-    def evaluate(model_spec: str) -> dict:
-        model = load_model(model_spec)
-        return zero_shot_evaluation(model, test, prepared.classes, config.evaluation, progress=progress)
+    def evaluate(name: str, spec: str) -> None:
+        _log(f"evaluate: {name}")
+        result, embeddings = full_evaluation(load_model(spec), prepared.records("test"), prepared.records("train"),
+                                             prepared.classes, templates, config.evaluation, progress=progress)
+        results[name], test_embeddings[name] = result, embeddings
 
-    results = {}
-    _log(f"[2/5] evaluate the base model {config.model}")
-    results["base"] = evaluate(config.model)
-    for index, objective in enumerate(FINE_TUNED, start=3):
-        run = out / "runs" / objective
-        epochs = {"caption": config.caption_epochs, "label": config.label_epochs}[objective]
-        train_config = replace(config.train, data=str(prepared_dir), out=str(run), model=config.model,
-                               objective=objective, seed=config.seed,
-                               epochs=epochs if epochs is not None else config.train.epochs)
-        status = read_json(run / "run.json")["status"] if (run / "run.json").exists() else None
-        if status != "done":
-            _log(f"[{index}/5] fine-tune on {objective}s" + (" (resuming)" if status else ""))
-            train(train_config, resume=status is not None, progress=progress)
-        results[objective] = evaluate(str(run))
+    results: dict[str, dict] = {}
+    test_embeddings: dict[str, Embeddings] = {}
+    evaluate("base", config.model)
+    runs = {}
+    for objective in config.objectives:
+        runs[objective] = train_or_resume(_train_config(config, prepared_dir, out / "runs" / objective, objective),
+                                          progress=progress)
+        evaluate(objective, str(runs[objective]))
 
     metrics = {"models": results}
-    write_json_atomic(out / "metrics.json", metrics)
+    figures = ["per_class.png", "embeddings.png"]
     per_class_figure(results, out / "per_class.png")
+    labels = next(iter(test_embeddings.values())).labels
+    embedding_figure({name: e.images.numpy() for name, e in test_embeddings.items()}, labels, prepared.classes,
+                     out / "embeddings.png", seed=config.seed)
+    if config.sweep:
+        metrics["sweep"] = sweep(prepared, out, config, reuse=runs, progress=progress)
+        figures.append("data_efficiency.png")
+    write_json_atomic(out / "metrics.json", metrics)
     elapsed = time.time() - started
-    write_report(out, metrics, _report_context(config, prepared, elapsed))
+    write_report(out, metrics, _report_context(config, prepared, elapsed, figures))
     _log(f"done in {elapsed / 60:.1f} min: {out / 'report.md'}")
     return metrics
 
 
-def _report_context(config: ReproduceConfig, prepared, elapsed: float) -> dict:
-    manifest = prepared.manifest
+def sweep(prepared: PreparedData, out: Path, config: ReproduceConfig, *, reuse: dict[str, Path] | None = None,
+          progress: bool = True) -> dict:
+    """Data efficiency (MedCLIP's figure): zero-shot top-1 on test against growing shares of the train data.
+
+    Writes out/sweep/<objective>-<fraction>/ runs, out/data_efficiency.png, and returns
+    {objective: [{"fraction", "n_train", "top1", "ci95"}]}.
+    """
+    reuse = reuse or {}
+    points: dict[str, list[dict]] = {}
+    for objective in config.objectives:
+        for fraction in config.sweep_fractions:
+            run = reuse.get(objective) if fraction == 1.0 else None
+            if run is None:
+                run = train_or_resume(_train_config(config, prepared.directory, out / "sweep" / f"{objective}-{fraction:g}",
+                                                    objective, fraction=fraction), progress=progress)
+            result = zero_shot_evaluation(load_model(str(run)), prepared.records("test"), prepared.classes,
+                                          config.evaluation)
+            points.setdefault(objective, []).append({"fraction": fraction, "n_train": read_json(run / "run.json")["n_training_rows"],
+                                                     "top1": result["top1"], "ci95": result["ci95"]["top1"]})
+    data_efficiency_figure({objective: [(p["n_train"], p["top1"], *p["ci95"]) for p in rows]
+                            for objective, rows in points.items()}, out / "data_efficiency.png")
+    return points
+
+
+def _report_context(config: ReproduceConfig, prepared: PreparedData, elapsed: float, figures: list[str]) -> dict:
+    label_field = prepared.manifest["fields"]["label_field"]
     notes = {}
     if config.model.startswith("dual:"):
         notes["base"] = ("the dual default's projections are freshly initialised, so the base model is an untrained "
                          "projection: chance level by construction")
+    if "semantic" in config.objectives:
+        notes["semantic"] = (f"concepts from captions only, target temperature "
+                             f"{config.train.semantic_temperature:g}, checkpoint chosen without labels")
     return {
         "dataset": config.data,
-        "label_field": config.fields.label_field,
-        "label_source": f"the `{config.fields.label_field}` field of the source, cleaned to classes "
-                        f"with at least {config.min_class_count} rows" if not config.classes else
-                        f"the `{config.fields.label_field}` field, restricted to the given classes",
-        "counts": manifest["counts"],
+        "label_field": label_field,
+        "label_source": (f"the `{label_field}` field of the source, cleaned to the classes "
+                         + (f"with at least {config.min_class_count} rows" if not config.classes else "given")),
+        "counts": prepared.manifest["counts"],
         "model": config.model,
         "notes": notes,
         "elapsed_s": elapsed,
-        "figures": ["per_class.png"],
+        "figures": figures,
         "command": " ".join(sys.argv),
     }

@@ -67,10 +67,10 @@ def test_sizes_stratification_cap_and_pool(tmp_path, source):
     assert manifest["counts"]["unlabeled"] == 25 and manifest["counts"]["rejected_total"] == 0
     assert all(ids == sorted(ids) for ids in splits.values())
     assert sorted(manifest) == ["check_images", "classes", "counts", "fields", "format_version",
-                                "min_class_count", "n", "seed", "source", "splits", "text_only"]
+                                "image_only", "min_class_count", "n", "seed", "source", "splits", "text_only"]
     assert manifest["source"]["path"] == str(path) and manifest["source"]["format"] == "imagefolder"
     assert summary["sizes"] == {"train": 31 + 27 + 18, "val": 12, "test": 12, "pool": len(splits["pool"]),
-                                "text_only": 0}
+                                "text_only": 0, "image_only": 0}
 
 
 def test_no_group_straddles_two_splits(tmp_path, source):
@@ -173,8 +173,9 @@ def test_every_kind_of_bad_row_is_rejected_and_image_faults_keep_the_text(tmp_pa
         assert by_id[rid]["uses"] == "text-only"
     assert manifest["text_only"] == sorted(expected)
     assert by_id["bad-caption"] == {"id": "bad-caption", "locator": "metadata.jsonl:153",
-                                    "reason": "empty caption", "uses": "none"}
-    assert by_id["bad-null"]["reason"] == "missing caption"
+                                    "reason": "empty caption (kept as an image-only row)", "uses": "image-only"}
+    assert by_id["bad-null"]["reason"] == "missing caption (kept as an image-only row)"
+    assert manifest["image_only"] == ["bad-caption", "bad-null"]
     assert by_id["bad-both"]["reason"] == "empty caption; missing file" and by_id["bad-both"]["uses"] == "none"
     duplicate = rejected[("id0000", "metadata.jsonl:156")]
     assert duplicate["reason"] == "duplicate id (first seen at metadata.jsonl:1)"
@@ -188,6 +189,7 @@ def test_every_kind_of_bad_row_is_rejected_and_image_faults_keep_the_text(tmp_pa
     assert not placed & set(by_id)
     prepared = load_prepared(tmp_path / "out")
     assert [r.id for r in prepared.text_only_records()] == sorted(expected)
+    assert [r.id for r in prepared.image_only_records()] == ["bad-caption", "bad-null"]
 
 
 def test_strict_mode_stops_at_the_first_rejection(tmp_path, dirty):

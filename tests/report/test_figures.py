@@ -53,3 +53,13 @@ def test_data_efficiency_figure(tmp_path):
     data_efficiency_figure({"caption": [(1000, 0.5, 0.45, 0.55), (100, 0.3, 0.2, 0.4)],
                             "label": [(100, 0.35, 0.3, 0.4), (1000, 0.6, 0.55, 0.65)]}, path)
     _assert_png(path)
+
+
+def test_embedding_figure_survives_identical_embeddings(tmp_path):
+    """A collapsed model gives identical points: the figure must still be drawn (sklearn's PCA init would
+    hand NaNs to Barnes-Hut t-SNE, which segfaults)."""
+    from clipmed.report.figures import embedding_figure
+
+    path = tmp_path / "e.png"
+    embedding_figure({"collapsed": np.ones((30, 8), dtype=np.float32)}, np.arange(30) % 3, ["a", "b", "c"], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

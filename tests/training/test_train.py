@@ -129,3 +129,41 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert torch.equal(epoch_order(50, 3, 1), epoch_order(50, 3, 1))
     assert not torch.equal(epoch_order(50, 3, 1), epoch_order(50, 3, 2))
     assert sorted(epoch_order(50, 3, 1).tolist()) == list(range(50))
+
+
+@pytest.fixture(scope="module")
+def prepared_decoupled(tmp_path_factory):
+    """Synthetic data where some images are missing (text-only rows) and some captions empty (image-only)."""
+    from clipmed.data.records import FieldMap
+    from clipmed.data.split import prepare
+    from conftest import write_synthetic_imagefolder
+
+    root = write_synthetic_imagefolder(tmp_path_factory.mktemp("decoupled"))
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    for row in rows[-12:-6]:
+        row["file_name"] = "images/missing.png"
+    for row in rows[-6:]:
+        row["caption"] = " "
+        row["body_part"] = "Chest"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path_factory.mktemp("prepared_decoupled")
+    prepare(str(root), out, fields=FieldMap(), min_class_count=5, progress=False)
+    return out
+
+
+def test_semantic_objective_trains_on_decoupled_batches(prepared_decoupled, tiny_dual_folder, tmp_path):
+    from clipmed.data.split import load_prepared
+
+    prepared = load_prepared(prepared_decoupled)
+    assert len(prepared.text_only_records()) == 6 and len(prepared.image_only_records()) == 6
+    rows = train_module.training_rows(prepared, TrainConfig(objective="semantic"))
+    assert sum(not ok for ok in rows.has_image) == 6  # text-only rows
+    assert sum(text is None for text in rows.texts) == 6  # image-only rows
+    image_only = [i for i, text in enumerate(rows.texts) if text is None]
+    chest = rows.concepts[image_only[0]]
+    assert chest.sum() > 0  # image-only concepts come from the label
+    run = train(_config(prepared_decoupled, tiny_dual_folder, tmp_path / "run", objective="semantic", epochs=4),
+                progress=False)
+    losses = _losses(run)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert json.loads((run / "run.json").read_text())["n_training_rows"] == len(rows.records)

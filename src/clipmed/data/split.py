@@ -4,7 +4,8 @@ The algorithm (deterministic for a given source, options and seed):
 
 0. Validate every row. A row is rejected for a duplicate id (the first one is kept), an empty or missing
    caption, or an image that is missing, empty, not an image, truncated/corrupt or too large. A row whose
-   only fault is its image keeps its caption as a *text-only* row. Rows whose label is not a class are
+   only fault is its image keeps its caption as a *text-only* row; one whose only fault is its caption keeps
+   its image as an *image-only* row (both serve decoupled batches). Rows whose label is not a class are
    not rejected: they are *unlabeled* (caption objectives only).
 1. Sample `n` labeled rows (all of them when there are fewer), stratified by class; every class keeps at
    least 3 rows so that it can appear in train, val and test.
@@ -17,8 +18,8 @@ The algorithm (deterministic for a given source, options and seed):
    redistributed, so label objectives see balanced classes.
 4. The caption pool: every usable row that is not in val/test nor in one of their groups: train, the
    labeled rows the cap or the sample left out, and the unlabeled rows. Caption objectives train on the
-   pool, label objectives on train only. Text-only rows are listed apart (``text_only``), also without
-   the val/test groups.
+   pool, label objectives on train only. Text-only and image-only rows are listed apart (``text_only``,
+   ``image_only``), also without the val/test groups.
 
 A class with fewer than 3 usable rows, or whose groups cannot be spread over train, val and test, is a
 ClipmedError that suggests --min-class-count or --classes: a class missing from val or test would make its
@@ -55,6 +56,7 @@ SPLITS = ("train", "val", "test", "pool")
 HELD_OUT_FRACTION = Fraction(1, 10)  # of the sample, for val and for test each
 MIN_ROWS_PER_CLASS = 3  # one each for train, val and test
 TEXT_ONLY = "text-only"
+IMAGE_ONLY = "image-only"
 _DEFAULT_FIELDS = FieldMap()
 
 
@@ -62,10 +64,11 @@ _DEFAULT_FIELDS = FieldMap()
 
 @dataclass
 class Validation:
-    """Indices (into `LoadedSource.records`) of the usable and text-only rows, and the rejections."""
+    """Indices (into `LoadedSource.records`) of the usable, text-only and image-only rows, and the rejections."""
 
     usable: list[int]
     text_only: list[int]
+    image_only: list[int]
     rejected: list[dict]  # {id, locator, reason, uses}, in source order
     rejected_counts: dict[str, int]  # by kind of reason
 
@@ -96,6 +99,7 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
     first_seen: dict[str, str] = {}
     usable: list[int] = []
     text_only: list[int] = []
+    image_only: list[int] = []
     for index, record in enumerate(loaded.records):
         locator = loaded.locators[index]
         if record.id in first_seen:
@@ -109,14 +113,15 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
         if caption_fault and image_fault:
             reject(record.id, locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
         elif caption_fault:
-            reject(record.id, locator, caption_fault, caption_fault, "none")
+            reject(record.id, locator, caption_fault, f"{caption_fault} (kept as an image-only row)", IMAGE_ONLY)
+            image_only.append(index)
         elif image_fault:
             reject(record.id, locator, image_fault.split(":")[0],
                    f"{image_fault} (kept as a text-only row)", TEXT_ONLY)
             text_only.append(index)
         else:
             usable.append(index)
-    return Validation(usable, text_only, rejected, dict(counts))
+    return Validation(usable, text_only, image_only, rejected, dict(counts))
 
 
 def _check_paths(paths: list[str], *, decode: bool, progress: bool) -> dict[str, str | None]:
@@ -342,8 +347,9 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
             for i, label in zip(checked.usable, labels)]
     plan = assign_splits(rows, class_list, n=n, seed=seed)
 
-    text_only = sorted(records[i].id for i in checked.text_only
-                       if strip_label(records[i].group) not in plan.held_out_groups)
+    text_only, image_only = (sorted(records[i].id for i in indices
+                                    if strip_label(records[i].group) not in plan.held_out_groups)
+                             for indices in (checked.text_only, checked.image_only))
     label_of = {row.id: row.label for row in rows}
     pool_labeled = sum(label_of[rid] is not None for rid in plan.pool)
     splits = {"train": plan.train, "val": plan.val, "test": plan.test, "pool": plan.pool}
@@ -360,6 +366,7 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
         "train_cap": plan.train_cap,
         "held_out_by_group": len(plan.held_out),
         "text_only": len(text_only),
+        "image_only": len(image_only),
     }
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -373,6 +380,7 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
         "check_images": check_images,
         "splits": splits,
         "text_only": text_only,
+        "image_only": image_only,
         "counts": counts,
     }
     out = Path(out_dir)
@@ -386,7 +394,8 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
         "split_json": str(out / "split.json"),
         "rejected_jsonl": str(out / "rejected.jsonl"),
         "classes": class_list,
-        "sizes": {name: len(ids) for name, ids in splits.items()} | {"text_only": len(text_only)},
+        "sizes": {name: len(ids) for name, ids in splits.items()} | {"text_only": len(text_only),
+                                                                     "image_only": len(image_only)},
         "counts": counts,
         "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 3),
@@ -446,6 +455,10 @@ class PreparedData:
         """Rows whose image is unusable but whose caption is fine (text-only objectives)."""
         return [self.by_id[rid] for rid in self.manifest["text_only"]]
 
+    def image_only_records(self) -> list[Record]:
+        """Rows whose caption is unusable but whose image is fine (image-only rows of decoupled batches)."""
+        return [self.by_id[rid] for rid in self.manifest["image_only"]]
+
     def label_index(self, record: Record) -> int:
         """The class index of a labeled record (ValueError for an unlabeled one)."""
         if record.label is None or record.label not in self.classes:
@@ -477,7 +490,8 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
             label = strip_label(record.label)
             by_id[record.id] = dataclasses.replace(record, label=label if label in known else None,
                                                    group=strip_label(record.group))
-    wanted = [rid for ids in manifest["splits"].values() for rid in ids] + manifest["text_only"]
+    wanted = ([rid for ids in manifest["splits"].values() for rid in ids] + manifest["text_only"]
+              + manifest["image_only"])
     missing = [rid for rid in wanted if rid not in by_id]
     if missing:
         raise ClipmedError(f"{path}: {len(missing)} ids (e.g. {missing[0]}) are not in {source['path']}; "

@@ -40,7 +40,7 @@ def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int
     chunks = []
     starts = range(0, len(records), batch_size)
     with evaluating(model):
-        for start in tqdm(starts, desc="embed images", disable=not progress, leave=False):
+        for start in tqdm(starts, desc="embed images", disable=None if progress else True, leave=False):
             pixels = model.normalize_pixels(stack_images(records[start:start + batch_size], size, interp).to(device))
             with autocast(precision, device):
                 chunks.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
@@ -54,7 +54,7 @@ def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128
     device = _device(model)
     chunks = []
     with evaluating(model):
-        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=None if progress else True, leave=False):
             tokens = {k: v.to(device) for k, v in model.tokenize(texts[start:start + batch_size]).items()}
             with autocast(precision, device):
                 chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())

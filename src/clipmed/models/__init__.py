@@ -1,6 +1,7 @@
 """Model specs -> `ClipModel`.
 
 Specs: `dual:efficientnet-lite0+minilm` (the offline default), `hf:<hub-id-or-folder>` (a transformers CLIPModel),
+`openclip:<arch>[:<pretrained-tag-or-path>]` or `openclip:hf-hub:<repo>` (open_clip, the `clipmed[openclip]` extra),
 or a folder: a run folder (its `model/`) or a saved model folder of any family.
 """
 
@@ -14,12 +15,15 @@ from .dual import CONFIG_NAME as DUAL_CONFIG
 from .dual import DEFAULT_SPEC, DualConfig, DualEncoderCLIP, build_dual
 from .hf_clip import MARKER as HF_MARKER
 from .hf_clip import HFCLIP
+from .openclip import MARKER as OPENCLIP_MARKER
+from .openclip import OpenCLIP, build_openclip
 
-__all__ = ["ClipModel", "ImagePreprocess", "DualConfig", "DualEncoderCLIP", "HFCLIP", "DEFAULT_SPEC", "load_model",
-           "model_dir"]
+__all__ = ["ClipModel", "ImagePreprocess", "DualConfig", "DualEncoderCLIP", "HFCLIP", "OpenCLIP", "DEFAULT_SPEC",
+           "load_model", "model_dir"]
 
 SPEC_HELP = ("use dual:efficientnet-lite0+minilm (offline default), hf:<hub-id-or-folder> for a transformers "
-             "CLIPModel, or a run folder written by `clipmed train`")
+             "CLIPModel, openclip:<arch>:<pretrained-tag-or-path> or openclip:hf-hub:<repo>, or a run folder written "
+             "by `clipmed train`")
 
 
 def model_dir(path: str | Path) -> Path | None:
@@ -27,6 +31,8 @@ def model_dir(path: str | Path) -> Path | None:
     path = Path(path)
     for candidate in (path / "model", path):
         if (candidate / DUAL_CONFIG).exists() or (candidate / HF_MARKER).exists() or (candidate / "config.json").exists():
+            return candidate
+        if (candidate / OPENCLIP_MARKER).exists():
             return candidate
     return None
 
@@ -37,9 +43,13 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> ClipModel:
         return build_dual(spec.removeprefix("dual:"))
     if spec.startswith("hf:"):
         return HFCLIP.load(spec.removeprefix("hf:"), trust_remote_code=trust_remote_code)
+    if spec.startswith("openclip:"):
+        return build_openclip(spec.removeprefix("openclip:"))
     folder = model_dir(spec) if Path(spec).is_dir() else None
     if folder is None:
         raise ClipmedError(f"unknown model spec {spec!r}: {SPEC_HELP}")
     if (folder / DUAL_CONFIG).exists():
         return DualEncoderCLIP.load(folder)
+    if (folder / OPENCLIP_MARKER).exists():
+        return OpenCLIP.load(folder)
     return HFCLIP.load(str(folder), trust_remote_code=trust_remote_code)

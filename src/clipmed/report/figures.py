@@ -99,7 +99,10 @@ def data_efficiency_figure(
 def _tsne(embeddings: np.ndarray, seed: int) -> np.ndarray:
     normed = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     perplexity = max(1.0, min(30.0, (len(normed) - 1) / 3))  # t-SNE needs perplexity < N
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(normed)
+    # PCA initialisation divides by the spread of the points: identical embeddings (a collapsed or untrained
+    # model) would feed NaNs to sklearn's Barnes-Hut code, which crashes the process instead of raising.
+    init = "pca" if normed.std(axis=0).max() > 1e-6 else "random"
+    return TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed).fit_transform(normed)
 
 
 def _shared_classes(models: dict[str, dict]) -> list[str]:

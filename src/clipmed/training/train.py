@@ -228,7 +228,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         _write_metrics(run, csv_rows)
 
     started = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", disable=not progress)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", disable=None if progress else True)
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
         order = epoch_order(len(rows.records), config.seed, epoch)
