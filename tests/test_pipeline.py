@@ -28,10 +28,13 @@ def test_reproduce_evaluates_every_model_every_way(reproduced):
         assert len(result["ensemble"]["templates"]) > 1 and result["ensemble"]["n"] == result["n"]
         assert set(result["probe"]) == {"full", "k_shot"}
         assert result["retrieval"]["image_to_text"]["n_queries"] == result["n"]
+    html = (reproduced / "report.html").read_text()
+    assert "Retrieval gallery" in html and "<code>caption</code>" in html
     for figure in ("per_class.png", "embeddings.png"):
         assert (reproduced / figure).stat().st_size > 1000
     report = (reproduced / "report.md").read_text()
-    for section in ("semantic", "embeddings.png", "P@1", "ensemble", "Linear probe"):
+    assert set(metrics["semantic_temperature"]) == {"0.1", "1"}  # the default run and MedCLIP's tau_t = 1
+    for section in ("semantic", "embeddings.png", "P@1", "ensemble", "Linear probe", "Semantic target temperature"):
         assert section.lower() in report.lower(), section
     semantic_run = json.loads((reproduced / "runs" / "semantic" / "run.json").read_text())
     assert semantic_run["config"]["entities_from"] == "captions"

@@ -68,6 +68,8 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
     group.add_argument("--max-steps", type=int)
     group.add_argument("--seed", type=int, default=defaults.seed)
     group.add_argument("--device", default=defaults.device)
+    group.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb"], default=[],
+                       help="also log to TensorBoard (RUN/tensorboard) and/or Weights & Biases (metrics.csv always)")
 
 
 def _train_config(args: argparse.Namespace, **overrides):
@@ -79,9 +81,55 @@ def _train_config(args: argparse.Namespace, **overrides):
                   label_template=args.label_template, label_targets=args.label_targets,
                   semantic_temperature=args.semantic_temperature, entities_from=args.entities_from,
                   vocabulary=args.vocabulary, precision=args.precision,
-                  checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device)
+                  checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device,
+                  report_to=tuple(args.report_to))
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def _typed_options(argv: list[str] | None) -> set[str]:
+    """Dests of the options typed on the command line, which a --config recipe yields to: the command line
+    parsed again with every default suppressed, so that argparse sets only what it was given."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action.choices, dict):  # the sub-command parsers
+                parsers += action.choices.values()
+    return set(vars(parser.parse_args(argv)))
+
+
+# Typed options of `reproduce` whose place in ReproduceConfig is not a top-level field of the same name.
+_REPRODUCE_PATHS = {"epochs": "train.epochs", "update_batchnorm": "train.freeze_batchnorm",
+                    "fractions": "sweep_fractions", "caption_epochs": "epochs.caption",
+                    "label_epochs": "epochs.label", "semantic_epochs": "epochs.semantic"}
+
+
+def _recipe_paths(typed: set[str], config) -> set[str]:
+    """Where each typed option lives in `config` (a ReproduceConfig or a TrainConfig), as with_overrides paths;
+    options that are no config field (--config, --resume) have none."""
+    from dataclasses import fields
+
+    from .data.records import FieldMap
+    from .training.config import TrainConfig
+
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    if isinstance(config, TrainConfig):
+        return {"freeze_batchnorm" if d == "update_batchnorm" else d for d in typed} & names(TrainConfig)
+    paths = set()
+    for dest in typed:
+        if dest in _REPRODUCE_PATHS:
+            paths.add(_REPRODUCE_PATHS[dest])
+        elif dest in names(FieldMap):
+            paths.add(f"fields.{dest}")
+        elif dest in names(type(config)):
+            paths.add(dest)
+        elif dest in names(TrainConfig):
+            paths.add(f"train.{dest}")
+    return paths
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -97,11 +145,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training.train import train
 
     if args.resume:
+        if args.config:
+            raise ClipmedError("--resume continues a run with its saved config: drop --config")
         run = train(_train_config(args, out=args.resume), resume=True)
     else:
         if not (args.data and args.out):
             raise ClipmedError("train needs --data PREPARED_DIR and --out RUN (or --resume RUN)")
-        run = train(_train_config(args, data=args.data, out=args.out, model=args.model, objective=args.objective))
+        config = _train_config(args, data=args.data, out=args.out, model=args.model, objective=args.objective)
+        if args.config:
+            from .config_files import load_recipe, recipe_train_config, with_overrides
+
+            config = with_overrides(recipe_train_config(load_recipe(args.config)), config,
+                                    _recipe_paths(args.typed, config))
+        run = train(config)
     print(f"run written to {run}")
 
 
@@ -156,14 +212,21 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
                              image_root=args.image_root, classes=_classes(args), min_class_count=args.min_class_count,
                              n=args.n, seed=args.seed, objectives=tuple(args.objectives.split(",")),
                              train=_train_config(args), epochs=epochs, sweep=args.sweep,
-                             sweep_fractions=tuple(float(f) for f in args.fractions.split(",")))
+                             sweep_fractions=tuple(float(f) for f in args.fractions.split(",")),
+                             semantic_temperatures=tuple(float(t) for t in args.semantic_temperatures.split(",") if t))
+    if args.config:
+        from .config_files import load_recipe, with_overrides
+
+        config = with_overrides(load_recipe(args.config), config, _recipe_paths(args.typed, config))
+    if not (config.data and config.out):
+        raise ClipmedError("reproduce needs --data and --out (or `data:` and `out:` in the --config recipe)")
     started = time.time()
     metrics = reproduce(config)
     for name, result in metrics["models"].items():
         lo, hi = result["ci95"]["top1"]
         print(f"{name:>8}: top-1 {100 * result['top1']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]  top-3 "
               f"{100 * result['top3']:.1f}%")
-    print(f"elapsed {time.time() - started:.0f} s; report: {Path(args.out) / 'report.md'}")
+    print(f"elapsed {time.time() - started:.0f} s; report: {Path(config.out) / 'report.md'}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -182,6 +245,83 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             print(f"{objective:>9} {point['fraction']:>5g} n={point['n_train']:>5}: top-1 {100 * point['top1']:.1f}% "
                   f"[{100 * lo:.1f}, {100 * hi:.1f}]")
     print(f"figure: {Path(args.out) / 'data_efficiency.png'}")
+
+
+def _add_inference_options(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    parser.add_argument("--model", required=True, help="a run folder, a saved model folder or a model spec")
+    if precision:
+        parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--device", default="cpu")
+
+
+def _inference_model(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model).to(args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .inference import format_predictions, predict
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    predictions = predict(_inference_model(args), args.images, labels, template=args.template, top_k=args.top_k,
+                          precision=args.precision)
+    print(json.dumps([asdict(p) for p in predictions], indent=2) if args.json else format_predictions(predictions))
+
+
+def _report_skipped(skipped: list[tuple[str, str]], what: str) -> None:
+    for rec_id, reason in skipped[:5]:
+        print(f"skipped {rec_id}: {reason}", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"... and {len(skipped) - 5} more rows {what}", file=sys.stderr)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from .data.sources import load_source
+    from .inference import embed_records, write_parquet
+
+    loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
+    embedded = embed_records(_inference_model(args), loaded.records, what=args.what, precision=args.precision,
+                             progress=True)
+    write_parquet(embedded, args.out)
+    _report_skipped(embedded.skipped_images, "without a readable image")
+    print(f"{embedded.kinds.count('image')} image and {embedded.kinds.count('text')} text embeddings written to "
+          f"{args.out}; skipped {len(embedded.skipped_images)} rows without a readable image and "
+          f"{embedded.skipped_texts} without a caption")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from .data.sources import load_source
+    from .inference import build_index, model_reference
+
+    loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
+    meta = build_index(_inference_model(args), model_reference(args.model), loaded, args.out, precision=args.precision,
+                       progress=True)
+    _report_skipped([(s["id"], s["reason"]) for s in meta["skipped"]], "without a readable image")
+    print(f"indexed {len(meta['items'])} images into {args.out} (skipped {len(meta['skipped'])} without a readable "
+          "image)")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .inference import check_model, format_hits, load_index, search
+
+    index = load_index(args.index)
+    model = _inference_model(args)
+    check_model(index, model, args.model)
+    hits = search(model, index, text=args.query, image=args.image, k=args.top_k)
+    print(json.dumps([asdict(h) for h in hits], indent=2) if args.json else format_hits(hits))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model
+    from .models import load_model
+
+    out = export_model(load_model(args.run), args.dir, source=args.run)
+    print(f"exported to {out}; {out / 'README.md'} shows how to load it without clipmed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_SPEC, help="dual:..., hf:..., or a run folder")
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--config", metavar="FILE", help="a recipe (configs/*.yaml): its training section, model and "
+                   "seed; options typed here override it")
     _add_train_options(p, objective=True)
     p.set_defaults(func=cmd_train)
 
@@ -235,32 +377,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_entities)
 
     p = commands.add_parser("reproduce", help="the paper's experiment end to end, with a report")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--config", metavar="FILE", help="a recipe (configs/*.yaml); options typed here override it")
+    p.add_argument("--data", help="the dataset (required unless the recipe names it)")
+    p.add_argument("--out", help="output folder (required unless the recipe names it)")
     p.add_argument("--model", default=DEFAULT_SPEC)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--objectives", default="caption,label,semantic", help="fine-tuned models to compare with the base")
     p.add_argument("--caption-epochs", type=int)
     p.add_argument("--label-epochs", type=int)
     p.add_argument("--semantic-epochs", type=int)
+    p.add_argument("--semantic-temperatures", default="1",
+                   help="extra semantic runs with these target temperatures, compared in the report ('' for none)")
     p.add_argument("--sweep", action="store_true", help="add the data-efficiency sweep (see `clipmed sweep`)")
     p.add_argument("--fractions", default="0.1,0.25,0.5,1", help="train shares for --sweep")
     _add_data_options(p)
     _add_train_options(p, objective=False)
     p.set_defaults(func=cmd_reproduce)
+
+    p = commands.add_parser("predict", help="the most probable of some labels for each image")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "Chest,Abdomen,Head"')
+    p.add_argument("--template", default="A medical image of {label}")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("embed", help="image and/or caption embeddings of a dataset, as Parquet")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="a .parquet file: columns id, kind, embedding")
+    p.add_argument("--what", choices=["images", "texts", "both"], default="both")
+    _add_inference_options(p)
+    _add_data_options(p)
+    p.set_defaults(func=cmd_embed, label_field=None)
+
+    p = commands.add_parser("index", help="an image embedding index of a dataset, for `clipmed search`")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="index folder")
+    _add_inference_options(p)
+    _add_data_options(p)
+    p.set_defaults(func=cmd_index, label_field=None)
+
+    p = commands.add_parser("search", help="the indexed images nearest to a text or to an image")
+    p.add_argument("query", nargs="?", help="query text (or pass --image)")
+    p.add_argument("--image", help="query image: image-to-image search")
+    p.add_argument("--index", required=True, help="folder written by `clipmed index`")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    _add_inference_options(p, precision=False)
+    p.set_defaults(func=cmd_search)
+
+    p = commands.add_parser("export", help="a model in its own library's format, loadable without clipmed")
+    p.add_argument("run", help="a run folder, a saved model folder or a model spec")
+    p.add_argument("dir", help="new (or empty) output folder")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
+# What each command is doing, for the out-of-memory message.
+_ACTIVITY = {"prepare": "preparing the data", "train": "training", "evaluate": "evaluating", "sweep": "running the sweep",
+             "reproduce": "running reproduce", "entities": "extracting entities", "predict": "predicting",
+             "embed": "embedding", "index": "indexing", "search": "searching", "export": "exporting"}
+# Messages of allocation failures that torch raises as a plain RuntimeError (CPU, MPS, older CUDA builds).
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "defaultcpuallocator")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure (torch.OutOfMemoryError, MemoryError or torch's RuntimeError)."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_MESSAGES)
+
+
+def out_of_memory_message(args: argparse.Namespace) -> str:
+    """One line: what ran out of memory, and the options of this command that need less of it."""
+    activity = _ACTIVITY.get(args.command, f"running {args.command}")
+    fixes = [flag for attribute, flag in (("batch_size", "a smaller --batch-size"),
+                                          ("grad_checkpointing", "--grad-checkpointing"),
+                                          ("accum_steps", "--accum-steps")) if hasattr(args, attribute)]
+    if not fixes:
+        hint = "free memory held by other processes, or use a device with more memory"
+    elif len(fixes) == 1:
+        hint = f"try {fixes[0]}"
+    else:
+        hint = f"try {', '.join(fixes[:-1])} or {fixes[-1]}"
+    return f"out of memory while {activity}; {hint}"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (ClipmedError) or running out of memory prints one line on stderr,
+    `clipmed: error: <what is wrong>; <how to fix it>`, and returns 2; an interruption returns 130."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the weight-loading reports are noise for a CLI user
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        args.typed = _typed_options(argv)
     try:
         args.func(args)
     except ClipmedError as exc:
-        print(f"clipmed: error: {exc}", file=sys.stderr)
+        print(f"clipmed: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        run = getattr(args, "resume", None) or getattr(args, "out", None)
+        started = args.command == "train" and run and (Path(run) / "run.json").is_file()
+        resume = f"; continue with `clipmed train --resume {run}`" if started else ""
+        print(f"clipmed: interrupted{resume}", file=sys.stderr)
+        return 130
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"clipmed: error: {out_of_memory_message(args)}", file=sys.stderr)
         return 2
     return 0
 

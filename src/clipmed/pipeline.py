@@ -20,6 +20,8 @@ from .io import read_json, write_json_atomic
 from .knowledge import load_templates
 from .models import DEFAULT_SPEC, load_model
 from .report.figures import data_efficiency_figure, embedding_figure, per_class_figure
+from .report.gallery import build_gallery
+from .report.html import write_html_report
 from .report.markdown import write_report
 from .training.config import TrainConfig
 from .training.train import train
@@ -43,6 +45,8 @@ class ReproduceConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     epochs: dict[str, int] = field(default_factory=dict)  # per objective, overriding train.epochs
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    # Extra semantic runs with other target temperatures, reported beside the main one (MedCLIP's code: 1.0).
+    semantic_temperatures: tuple[float, ...] = (1.0,)
     sweep: bool = False
     sweep_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
 
@@ -83,14 +87,24 @@ def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
     prepared = load_prepared(prepared_dir)
     templates = load_templates(prepared.manifest["fields"]["label_field"] or "default")
 
+    # report.html's gallery shows the caption model (the paper's question: how far captions alone go),
+    # else the last fine-tuned model, else the base model.
+    gallery_name = "caption" if "caption" in config.objectives else (config.objectives or ("base",))[-1]
+
     def evaluate(name: str, spec: str) -> None:
         _log(f"evaluate: {name}")
-        result, embeddings = full_evaluation(load_model(spec), prepared.records("test"), prepared.records("train"),
+        model = load_model(spec)
+        result, embeddings = full_evaluation(model, prepared.records("test"), prepared.records("train"),
                                              prepared.classes, templates, config.evaluation, progress=progress)
         results[name], test_embeddings[name] = result, embeddings
+        if name == gallery_name:
+            galleries[name] = build_gallery(embeddings.images.numpy(), embeddings.texts.numpy(), embeddings.records,
+                                            embeddings.scores, prepared.classes, logit_scale=model.scale().item(),
+                                            seed=config.seed, model=name)
 
     results: dict[str, dict] = {}
     test_embeddings: dict[str, Embeddings] = {}
+    galleries: dict[str, dict] = {}
     evaluate("base", config.model)
     runs = {}
     for objective in config.objectives:
@@ -99,6 +113,9 @@ def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
         evaluate(objective, str(runs[objective]))
 
     metrics = {"models": results}
+    if "semantic" in config.objectives and config.semantic_temperatures:
+        metrics["semantic_temperature"] = semantic_temperatures(prepared, out, config, results["semantic"],
+                                                                progress=progress)
     figures = ["per_class.png", "embeddings.png"]
     per_class_figure(results, out / "per_class.png")
     labels = next(iter(test_embeddings.values())).labels
@@ -109,9 +126,25 @@ def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
         figures.append("data_efficiency.png")
     write_json_atomic(out / "metrics.json", metrics)
     elapsed = time.time() - started
-    write_report(out, metrics, _report_context(config, prepared, elapsed, figures))
-    _log(f"done in {elapsed / 60:.1f} min: {out / 'report.md'}")
+    context = _report_context(config, prepared, elapsed, figures)
+    write_report(out, metrics, context)
+    write_html_report(out, metrics, context, galleries.get(gallery_name))
+    _log(f"done in {elapsed / 60:.1f} min: {out / 'report.md'} and {out / 'report.html'}")
     return metrics
+
+
+def semantic_temperatures(prepared: PreparedData, out: Path, config: ReproduceConfig, main_result: dict, *,
+                          progress: bool = True) -> dict:
+    """{tau_t: zero-shot test metrics} for the main semantic run and one run per extra temperature."""
+    results = {f"{config.train.semantic_temperature:g}": main_result}
+    for tau in config.semantic_temperatures:
+        if tau == config.train.semantic_temperature:
+            continue
+        run = train_or_resume(_train_config(config, prepared.directory, out / "runs" / f"semantic-tau{tau:g}",
+                                            "semantic", semantic_temperature=tau), progress=progress)
+        results[f"{tau:g}"] = zero_shot_evaluation(load_model(str(run)), prepared.records("test"), prepared.classes,
+                                                   config.evaluation)
+    return results
 
 
 def sweep(prepared: PreparedData, out: Path, config: ReproduceConfig, *, reuse: dict[str, Path] | None = None,

@@ -95,3 +95,23 @@ def test_packaged_efficientnet_weights_load_with_weights_only():
 
     state = load_efficientnet_lite0_weights()
     assert "_conv_stem.weight" in state and state["_conv_stem.weight"].shape == (32, 3, 3, 3)
+
+
+@pytest.mark.parametrize("family", ["dual", "hf"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, tiny_hf):
+    model = tiny_dual() if family == "dual" else load_model(f"hf:{tiny_hf}")
+    model.eval()  # no dropout, BatchNorm statistics fixed: the two passes must agree exactly
+    pixels = model.normalize_pixels(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    tokens = model.tokenize(TEXTS + ["a third caption"])
+
+    def gradients():
+        model.zero_grad()
+        image, text = model(pixels, tokens)
+        (image @ text.t()).logsumexp(1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.set_grad_checkpointing(True)
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)

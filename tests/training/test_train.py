@@ -63,18 +63,20 @@ def test_label_rows_come_from_train_and_caption_rows_from_the_pool(prepared_synt
 def test_resume_after_a_crash_gives_bitwise_identical_weights(prepared_synthetic, tiny_dual_folder, tmp_path, monkeypatch):
     reference = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "a"), progress=False)
 
-    real_step, calls = train_module.training_step, {"n": 0}
+    from clipmed.training.step import StepRunner
 
-    def crashing_step(*args, **kwargs):
+    real_step, calls = StepRunner.__call__, {"n": 0}
+
+    def crashing_step(self, batch):
         calls["n"] += 1
         if calls["n"] == 7:  # mid-epoch, after the checkpoint at step 6
             raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
+        return real_step(self, batch)
 
-    monkeypatch.setattr(train_module, "training_step", crashing_step)
+    monkeypatch.setattr(StepRunner, "__call__", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(train_module, "training_step", real_step)
+    monkeypatch.setattr(StepRunner, "__call__", real_step)
     resumed = train(TrainConfig(out=str(tmp_path / "b")), resume=True, progress=False)
 
     a = load_file(str(reference / "model" / "model.safetensors"))

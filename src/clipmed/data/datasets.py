@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import open_rgb
+from .images import ImageError, open_rgb
 from .records import Record
 
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -44,21 +44,44 @@ class ImageCache:
         return self._store[key]
 
     def warm(self, paths: Sequence[str], size: int, interpolation: str = "bicubic", threads: int = 2,
-             progress: Callable[[Iterator], Iterator] | None = None) -> None:
-        """Decode every missing image with a thread pool (PIL releases the GIL while decoding)."""
+             progress: Callable[[Iterator], Iterator] | None = None) -> dict[str, str]:
+        """Decode every missing image with a thread pool (PIL releases the GIL while decoding).
+
+        Returns {path: reason} for images that could not be read (a file that changed after prepare):
+        callers skip and count those rows instead of crashing a long run.
+        """
         missing = sorted({p for p in paths if (p, size, interpolation) not in self._store})
-        if not missing:
-            return
+        failures: dict[str, str] = {}
+
+        def load(path: str) -> tuple[str, torch.Tensor | None, str | None]:
+            try:
+                return path, resize_center_crop(open_rgb(path), size, interpolation), None
+            except ImageError as exc:
+                return path, None, exc.reason
+
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = pool.map(lambda p: (p, resize_center_crop(open_rgb(p), size, interpolation)), missing)
-            for path, tensor in (progress(results) if progress else results):
-                self._store[(path, size, interpolation)] = tensor
+            results = pool.map(load, missing)
+            for path, tensor, reason in (progress(results) if progress else results):
+                if tensor is None:
+                    failures[path] = reason
+                else:
+                    self._store[(path, size, interpolation)] = tensor
+        return failures
 
     def __len__(self) -> int:
         return len(self._store)
 
 
 IMAGE_CACHE = ImageCache()
+
+
+def readable_records(records: Sequence[Record], size: int, interpolation: str = "bicubic",
+                     cache: ImageCache = IMAGE_CACHE, progress: Callable[[Iterator], Iterator] | None = None
+                     ) -> tuple[list[int], dict[str, str]]:
+    """Indices of the records whose image decodes (cached as a side effect), and {id: reason} of the others."""
+    failures = cache.warm([r.image_path for r in records], size, interpolation, progress=progress)
+    keep = [i for i, r in enumerate(records) if r.image_path not in failures]
+    return keep, {r.id: failures[r.image_path] for r in records if r.image_path in failures}
 
 
 def stack_images(records: Sequence[Record], size: int, interpolation: str = "bicubic",

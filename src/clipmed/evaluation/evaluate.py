@@ -3,12 +3,13 @@ and image-text retrieval, all from one set of embeddings per model and split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..data.datasets import readable_records
 from ..data.records import Record
 from ..models.base import ClipModel
 from .embed import embed_images, embed_texts
@@ -33,9 +34,11 @@ class EvalConfig:
 class Embeddings:
     """What one model produced for a split; kept for figures and galleries after the metrics."""
 
+    records: list[Record]
     images: torch.Tensor
-    texts: torch.Tensor | None = None
-    labels: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=int))
+    texts: torch.Tensor
+    labels: np.ndarray
+    scores: np.ndarray  # zero-shot class scores [N, C] with the single template
 
 
 def _labels(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
@@ -43,9 +46,16 @@ def _labels(records: Sequence[Record], classes: Sequence[str]) -> np.ndarray:
     return np.array([index[r.label] for r in records], dtype=int)
 
 
+def _readable(model: ClipModel, records: Sequence[Record]) -> tuple[list[Record], dict[str, str]]:
+    """Records whose image still decodes, and {id: reason} of the others (skipped and reported, not fatal)."""
+    keep, skipped = readable_records(records, model.preprocess.size, model.preprocess.interpolation)
+    return [records[i] for i in keep], skipped
+
+
 def zero_shot_metrics(model: ClipModel, image_embeddings: torch.Tensor, labels: np.ndarray, classes: Sequence[str],
-                      templates: Sequence[str], config: EvalConfig) -> dict:
-    """The evaluate JSON for zero-shot classification with one template or an ensemble of several."""
+                      templates: Sequence[str], config: EvalConfig) -> tuple[dict, np.ndarray]:
+    """The evaluate JSON for zero-shot classification with one template or an ensemble of several, and the
+    class scores [N, C] it was computed from."""
     weights = class_embeddings(model, classes, templates, precision=config.precision)
     scores = zero_shot_scores(image_embeddings, weights).numpy()
     result = classification_metrics(scores, labels, list(classes), n_boot=config.n_boot, seed=config.seed)
@@ -53,14 +63,16 @@ def zero_shot_metrics(model: ClipModel, image_embeddings: torch.Tensor, labels: 
         result["template"] = templates[0]
     else:
         result["templates"] = list(templates)
-    return result
+    return result, scores
 
 
 def zero_shot_evaluation(model: ClipModel, records: Sequence[Record], classes: Sequence[str],
                          config: EvalConfig = EvalConfig(), *, progress: bool = False) -> dict:
     """`clipmed evaluate`: zero-shot metrics of records whose `label` is one of `classes`."""
+    records, skipped = _readable(model, records)
     images = embed_images(model, records, batch_size=config.batch_size, precision=config.precision, progress=progress)
-    return zero_shot_metrics(model, images, _labels(records, classes), classes, [config.template], config)
+    result, _ = zero_shot_metrics(model, images, _labels(records, classes), classes, [config.template], config)
+    return {**result, "unreadable_images": skipped} if skipped else result
 
 
 def full_evaluation(model: ClipModel, test: Sequence[Record], train: Sequence[Record], classes: Sequence[str],
@@ -70,14 +82,15 @@ def full_evaluation(model: ClipModel, test: Sequence[Record], train: Sequence[Re
 
     Test images, test captions and train images are each embedded once and shared by every evaluation.
     """
+    (test, skipped), (train, _) = _readable(model, test), _readable(model, train)
     embed = dict(batch_size=config.batch_size, precision=config.precision, progress=progress)
     test_images = embed_images(model, test, **embed)
     test_texts = embed_texts(model, [r.caption for r in test], precision=config.precision, progress=progress)
     train_images = embed_images(model, train, **embed)
     test_labels, train_labels = _labels(test, classes), _labels(train, classes)
 
-    result = zero_shot_metrics(model, test_images, test_labels, classes, [config.template], config)
-    result["ensemble"] = zero_shot_metrics(model, test_images, test_labels, classes, ensemble_templates, config)
+    result, scores = zero_shot_metrics(model, test_images, test_labels, classes, [config.template], config)
+    result["ensemble"], _ = zero_shot_metrics(model, test_images, test_labels, classes, ensemble_templates, config)
     result["probe"] = linear_probe(train_images.numpy(), train_labels, test_images.numpy(), test_labels, list(classes),
                                    shots=config.probe_shots, draws=config.probe_draws, seed=config.seed,
                                    n_boot=config.n_boot)
@@ -85,4 +98,6 @@ def full_evaluation(model: ClipModel, test: Sequence[Record], train: Sequence[Re
     result["retrieval"] = retrieval_metrics((test_images @ test_texts.t()).numpy(), image_labels=test_labels,
                                             text_labels=test_labels, ks=config.retrieval_ks, n_boot=config.n_boot,
                                             seed=config.seed)
-    return result, Embeddings(test_images, test_texts, test_labels)
+    if skipped:
+        result["unreadable_images"] = skipped
+    return result, Embeddings(test, test_images, test_texts, test_labels, scores)

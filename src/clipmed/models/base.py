@@ -52,10 +52,28 @@ class ClipModel(nn.Module):
     preprocess: ImagePreprocess
     logit_scale: nn.Parameter  # log of the inverse temperature, as CLIP
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    # Each side is tower features, then a head. A locked tower's features can be computed once and cached
+    # (LiT); the head (projection) may still train.
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.project_image(self.image_features(pixels))
+
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.project_text(self.text_features(tokens))
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute tower activations in backward instead of storing them: less memory, ~30% more compute."""
         raise NotImplementedError
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

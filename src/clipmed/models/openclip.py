@@ -1,10 +1,11 @@
 """open_clip models (`clipmed[openclip]`): any architecture open_clip builds, BiomedCLIP included.
 
 Specs: `openclip:<arch>:<pretrained-tag-or-weights-file>` (weights trained contrastively: origin "clip"),
-`openclip:hf-hub:<repo>` (config and weights from the hub, as BiomedCLIP is published) and `openclip:<arch>`
-(the architecture with fresh weights: origin "new"). A saved model folder is open_clip's own `local-dir:` layout
-(`open_clip_config.json` + `open_clip_model.safetensors`, and the tokenizer files of a Hugging Face text tower)
-plus clipmed's marker, so open_clip alone reopens it with `create_model_and_transforms("local-dir:<folder>")`.
+`openclip:hf-hub:<repo>` (config and weights from the hub, as BiomedCLIP is published), `openclip:local-dir:<folder>`
+(that layout on disk, e.g. a `clipmed export`) and `openclip:<arch>` (the architecture with fresh weights: origin
+"new"). A saved model folder is open_clip's own `local-dir:` layout (`open_clip_config.json`,
+`open_clip_model.safetensors` and the tokenizer files of a Hugging Face text tower) plus clipmed's marker, so open_clip
+alone reopens it with `create_model_and_transforms("local-dir:<folder>")`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class OpenCLIP(ClipModel):
         self.origin = origin
         self._bpe = isinstance(tokenizer, import_open_clip().tokenizer.SimpleTokenizer)
         self.preprocess = _preprocess(model.visual.preprocess_cfg)
+        # Set through object.__setattr__ so that it is no registered child: its parameters are the model's own,
+        # listed once under `model.`.
+        text = getattr(model, "text", None)
+        object.__setattr__(self, "_text_tower", text if text is not None else _TopLevelTextTower(model))
 
     @property
     def logit_scale(self) -> nn.Parameter:  # type: ignore[override]
@@ -58,12 +63,22 @@ class OpenCLIP(ClipModel):
 
     # ---- encoders --------------------------------------------------------------------------------------
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
+    # open_clip's projections sit inside its towers (and are locked with them): the towers' outputs are the
+    # projected features, the heads are the identity.
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.visual(pixels)
 
-    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        # open_clip builds its own causal and padding masks from the ids.
-        return self.model.encode_text(tokens["input_ids"])
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._text_tower(tokens["input_ids"])  # open_clip builds its causal and padding masks from the ids
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.model.set_grad_checkpointing(enabled)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """open_clip's ids, always padded to the full context: a CLIP text tower's causal mask is built for that
@@ -100,11 +115,7 @@ class OpenCLIP(ClipModel):
         return "head", self.origin  # logit_scale (and a SigLIP logit_bias)
 
     def towers(self) -> dict[str, nn.Module]:
-        text = getattr(self.model, "text", None)
-        if text is None:  # `CLIP` keeps its text modules at the top level; group them for locking
-            text = nn.ModuleDict({"transformer": self.model.transformer, "token_embedding": self.model.token_embedding,
-                                  "ln_final": self.model.ln_final})
-        return {"image": self.model.visual, "text": text}
+        return {"image": self.model.visual, "text": self._text_tower}
 
     def describe(self) -> dict:
         return {**super().describe(), "source": self.source}
@@ -136,9 +147,24 @@ class OpenCLIP(ClipModel):
         return _create(f"local-dir:{directory}", None, source=marker["source"], origin=marker["origin"])
 
 
+class _TopLevelTextTower(nn.Module):
+    """open_clip's `CLIP` keeps the parts of its text tower at its own top level; this groups them into one module
+    (for locking, feature-cache fingerprints and compile) whose forward is `CLIP.encode_text`."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.token_embedding, self.transformer, self.ln_final = clip.token_embedding, clip.transformer, clip.ln_final
+        self.positional_embedding = clip.positional_embedding
+        self.text_projection = clip.text_projection
+        self.encode = clip.encode_text
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encode(ids)
+
+
 def build_openclip(spec_body: str) -> OpenCLIP:
-    """`hf-hub:<repo>`, `<arch>:<pretrained-tag-or-path>` or `<arch>` (fresh weights) -> OpenCLIP."""
-    if spec_body.startswith("hf-hub:"):
+    """`hf-hub:<repo>`, `local-dir:<folder>`, `<arch>:<pretrained-tag-or-path>` or `<arch>` (fresh weights)."""
+    if spec_body.startswith(("hf-hub:", "local-dir:")):
         return _create(spec_body, None, source=f"openclip:{spec_body}", origin="clip")
     arch, _, pretrained = spec_body.partition(":")
     if not arch:

@@ -34,12 +34,17 @@ class TrainConfig:
     entities_from: str = "captions"     # captions | labels | both (semantic objective)
     vocabulary: str | None = None       # a concepts YAML replacing the packaged one (semantic objective)
     precision: str = "bf16"
+    accum_steps: int = 1                # micro-batches per step; the loss still sees the whole batch (GradCache)
+    grad_checkpointing: bool = False    # recompute tower activations in backward: less memory, more compute
+    compile: bool = False               # torch.compile the trainable towers
+    feature_cache: bool = True          # a locked tower's features are computed once and cached on disk (LiT)
     seed: int = 0
     checkpoint_every: int = 50          # steps; also at every epoch end
     max_steps: int | None = None        # stop early (tests, smoke runs)
     eval_batch_size: int = 64
     fraction: float = 1.0               # share of the training rows used (data-efficiency sweeps)
     device: str = "cpu"
+    report_to: tuple[str, ...] = ()     # tensorboard and/or wandb, besides metrics.csv (training/logging.py)
 
     def resolved_lr_clip(self) -> float:
         return self.lr_clip if self.lr_clip is not None else CLIP_PRETRAIN_LR * self.batch_size / CLIP_PRETRAIN_BATCH

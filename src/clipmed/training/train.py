@@ -7,8 +7,6 @@ A run folder holds: model/ (the best checkpoint by validation, in the model fami
 
 from __future__ import annotations
 
-import csv
-import io
 import platform
 import shutil
 import time
@@ -17,26 +15,27 @@ from pathlib import Path
 
 import numpy
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.datasets import IMAGE_CACHE, stack_images
+from ..data.datasets import readable_records
 from ..data.records import Record
 from ..data.split import PreparedData, load_prepared
 from ..errors import ClipmedError
 from ..evaluation.embed import embed_images, embed_texts
 from ..evaluation.metrics import retrieval_metrics
 from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
-from ..io import read_json, write_json_atomic, write_text_atomic
+from ..io import read_json, write_json_atomic
 from ..models import ClipModel, load_model
 from ..objectives import OBJECTIVES, ContrastiveLoss, LabelLoss, SemanticMatchingLoss
-from ..precision import autocast
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import World, init_world
+from .features import LockedFeatures
+from .logging import RunLogger
 from .optim import build_optimizer, warmup_cosine
+from .step import StepRunner, make_batch
 
-METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "logit_scale", "pairs_per_s", "elapsed_s"]
 
 
 @dataclass
@@ -113,48 +112,14 @@ def build_loss(config: TrainConfig) -> torch.nn.Module:
     return ContrastiveLoss()
 
 
-def _encode(model: ClipModel, records: list[Record], texts: list[str], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float32 embeddings of the records' images and of the texts (autocast inside)."""
-    device = torch.device(config.device)
-    pixels = model.normalize_pixels(stack_images(records, model.preprocess.size, model.preprocess.interpolation).to(device))
-    tokens = {key: value.to(device) for key, value in model.tokenize(texts).items()}
-    with autocast(config.precision, device):
-        image, text = model.encode_image(pixels), model.encode_text(tokens)
-    return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-
-
-def training_step(model: ClipModel, loss_fn: torch.nn.Module, rows: TrainingRows, index: torch.Tensor,
-                  config: TrainConfig) -> torch.Tensor:
-    """The loss of one batch (rows `index`), ready for backward()."""
-    rows_in_batch = index.tolist()
-    if config.objective == "label":
-        # A batch holds few distinct prompts: encode each once (the loss indexes them per image).
-        distinct, prompt_index = rows.labels[index].unique(return_inverse=True)
-        prompts = [config.label_template.format(label=rows.classes[c]) for c in distinct.tolist()]
-        image, text = _encode(model, [rows.records[i] for i in rows_in_batch], prompts, config)
-        return loss_fn(image, text, model.scale(), prompt_index.to(image.device))
-    if config.objective == "semantic":
-        # Decoupled batch: the images of pair and image-only rows against the texts of pair and text-only rows.
-        with_image = [i for i in rows_in_batch if rows.has_image[i]]
-        with_text = [i for i in rows_in_batch if rows.texts[i] is not None]
-        column = {row: position for position, row in enumerate(with_text)}
-        pair_index = torch.tensor([column.get(i, -1) for i in with_image])
-        image, text = _encode(model, [rows.records[i] for i in with_image], [rows.texts[i] for i in with_text], config)
-        return loss_fn(image, text, model.scale(), rows.concepts[with_image].to(image.device),
-                       rows.concepts[with_text].to(image.device), pair_index.to(image.device))
-    image, text = _encode(model, [rows.records[i] for i in rows_in_batch], [rows.texts[i] for i in rows_in_batch], config)
-    return loss_fn(image, text, model.scale())
-
-
-def validation_score(model: ClipModel, prepared: PreparedData, config: TrainConfig) -> tuple[str, float]:
+def validation_score(model: ClipModel, val: list[Record], classes: list[str], config: TrainConfig) -> tuple[str, float]:
     """Checkpoint selection without labels for label-free objectives (caption retrieval on val);
     zero-shot top-1 on val for the label objective."""
-    val = prepared.records("val")
     images = embed_images(model, val, batch_size=config.eval_batch_size, precision=config.precision)
     if config.objective == "label":
-        weights = class_embeddings(model, prepared.classes, [config.label_template], precision=config.precision)
+        weights = class_embeddings(model, classes, [config.label_template], precision=config.precision)
         predictions = zero_shot_scores(images, weights).argmax(dim=1)
-        truth = torch.tensor([prepared.classes.index(r.label) for r in val])
+        truth = torch.tensor([classes.index(r.label) for r in val])
         return "val_zero_shot_top1", float((predictions == truth).float().mean())
     texts = embed_texts(model, [r.caption for r in val], precision=config.precision)
     retrieval = retrieval_metrics((images @ texts.t()).numpy(), ks=(1,), n_boot=1)
@@ -173,6 +138,23 @@ def save_model_atomically(model: ClipModel, run: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _drop_unreadable(rows: TrainingRows, val: list[Record], model: ClipModel,
+                     progress: bool) -> tuple[TrainingRows, list[Record], dict[str, str]]:
+    """Decode every image once (the cache serves all epochs) and skip rows whose image stopped being readable
+    after prepare: one changed file must not crash a long run. Returns the kept rows, val and {id: reason}."""
+    size, interpolation = model.preprocess.size, model.preprocess.interpolation
+    bar = (lambda it: tqdm(it, desc="decode images", leave=False)) if progress else None
+    with_image = [i for i, ok in enumerate(rows.has_image) if ok]
+    readable, unreadable = readable_records([rows.records[i] for i in with_image], size, interpolation, progress=bar)
+    dropped = set(with_image) - {with_image[i] for i in readable}
+    val_readable, val_unreadable = readable_records(val, size, interpolation, progress=bar)
+    if unreadable or val_unreadable:
+        tqdm.write(f"skipping {len(unreadable) + len(val_unreadable)} rows whose image can no longer be read "
+                   f"(listed in run.json)")
+    rows = rows.subset([i for i in range(len(rows.records)) if i not in dropped])
+    return rows, [val[i] for i in val_readable], {**unreadable, **val_unreadable}
+
+
 def environment() -> dict:
     import transformers
 
@@ -181,16 +163,26 @@ def environment() -> dict:
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train one run; with resume=True continue RUN from its last checkpoint, bitwise as if never stopped."""
+    """Train one run; with resume=True continue RUN from its last checkpoint, bitwise as if never stopped.
+
+    Under torchrun every rank runs this function; rank 0 alone writes the run folder.
+    """
     run = Path(config.out)
     checkpoints = run / "checkpoints"
     if resume:
         saved = read_json(run / "run.json")
         config = TrainConfig.from_dict({**saved["config"], "out": str(run)})
-    elif (run / "run.json").exists():
+    world = init_world(config.device)
+    if not resume and (run / "run.json").exists():
         raise ClipmedError(f"{run} already holds a run: pass --resume to continue it or choose another --out")
+    world.barrier()  # every rank checked before rank 0 writes run.json
+    if world.distributed and config.accum_steps > 1:
+        raise ClipmedError("--accum-steps with several processes is not supported: use one or the other")
+    if world.distributed and config.batch_size % world.size:
+        raise ClipmedError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes")
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
+    progress = progress and world.is_main
 
     prepared = load_prepared(config.data)
     rows = training_rows(prepared, config)
@@ -198,17 +190,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise ClipmedError(f"only {len(rows.records)} training rows for objective {config.objective!r} "
                            f"(batch size {config.batch_size}): lower --batch-size or prepare more data")
     model = load_model(config.model).to(device)
-    IMAGE_CACHE.warm([r.image_path for r, ok in zip(rows.records, rows.has_image) if ok] +
-                     [r.image_path for r in prepared.records("val")], model.preprocess.size,
-                     model.preprocess.interpolation,
-                     progress=(lambda it: tqdm(it, desc="decode images", leave=False)) if progress else None)
+    rows, val, unreadable = _drop_unreadable(rows, prepared.records("val"), model, progress)
+    runner = _step_runner(model, config, world, rows, prepared)
     optimizer, groups = build_optimizer(model, config)
     steps_per_epoch = len(rows.records) // config.batch_size  # drop_last: a tiny final batch has no negatives
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     scheduler = warmup_cosine(optimizer, total_steps, round(config.warmup_fraction * total_steps))
-    loss_fn = build_loss(config)
 
     step, best, best_epoch, score_name = 0, float("-inf"), -1, ""
     state = load_checkpoint(checkpoints) if resume else None
@@ -218,55 +207,89 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, best, best_epoch, score_name = state["step"], state["best"], state["best_epoch"], state["score_name"]
-    _write_run_json(run, config, prepared, model, groups, rows, status="running", extra={})
-    csv_rows = _metrics_rows(run, keep_until=step)
+    if world.is_main:
+        _write_run_json(run, config, prepared, model, groups, rows, world, status="running",
+                        extra={"unreadable_images": unreadable})
+    # Rank 0 alone logs; a resumed run drops what the interrupted one logged after its checkpoint.
+    logger = (RunLogger(run, start_step=step, report_to=config.report_to, config=asdict(config))
+              if world.is_main else None)
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoints, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                      "step": step, "best": best, "best_epoch": best_epoch, "score_name": score_name})
-        _write_metrics(run, csv_rows)
+        if world.is_main:
+            save_checkpoint(checkpoints, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                                          "step": step, "best": best, "best_epoch": best_epoch,
+                                          "score_name": score_name})
+            logger.flush()
+        world.barrier()
 
     started = time.time()
+    locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", disable=None if progress else True)
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
         order = epoch_order(len(rows.records), config.seed, epoch)
-        locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
         model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm, locked=locked)
         for batch in range(first_batch, steps_per_epoch):
             tick = time.time()
-            loss = training_step(model, loss_fn, rows, order[batch * config.batch_size:(batch + 1) * config.batch_size], config)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = runner(make_batch(rows, order[batch * config.batch_size:(batch + 1) * config.batch_size], config))
             optimizer.step()
             scheduler.step()
             step += 1
             rate = config.batch_size / (time.time() - tick)
-            lr = optimizer.param_groups[-1]["lr"]
-            csv_rows.append([step, epoch, f"{loss.item():.6f}", f"{lr:.3e}", f"{model.logit_scale.item():.5f}",
-                             f"{rate:.2f}", f"{time.time() - started:.1f}"])
+            lr = max(group["lr"] for group in optimizer.param_groups)
+            if logger is not None:
+                logger.step(step, epoch, loss, lr, model.logit_scale.item(), rate, time.time() - started)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", pairs_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", pairs_s=f"{rate:.1f}")
             if step == total_steps:
                 break
             if step % config.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
                 checkpoint()
         # End of an epoch (or of max_steps): select by validation, then checkpoint.
-        score_name, score = validation_score(model, prepared, config)
-        if score > best:
-            best, best_epoch = score, epoch
-            save_model_atomically(model, run)
-        bar.write(f"epoch {epoch}: {score_name} = {score:.4f} (best {best:.4f} at epoch {best_epoch})")
+        if world.is_main:
+            score_name, score = validation_score(model, val, prepared.classes, config)
+            logger.validation(step, score_name, score)
+            if score > best:
+                best, best_epoch = score, epoch
+                save_model_atomically(model, run)
+            bar.write(f"epoch {epoch}: {score_name} = {score:.4f} (best {best:.4f} at epoch {best_epoch})")
         checkpoint()
     bar.close()
-    _write_run_json(run, config, prepared, model, groups, rows, status="done",
-                    extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step})
+    if world.is_main:
+        logger.close()
+        _write_run_json(run, config, prepared, model, groups, rows, world, status="done",
+                        extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step,
+                               "seconds": round(time.time() - started, 1), "unreadable_images": unreadable})
     return run
 
 
+def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: TrainingRows,
+                 prepared: PreparedData) -> StepRunner:
+    """Speed and memory options, then the runner: locked towers' features come from a disk cache (LiT), the
+    trainable towers are optionally compiled and gradient-checkpointed."""
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    fingerprint = prepared.manifest["source"]["fingerprint"]
+    locked_images = locked_texts = None
+    if config.lock_image and config.feature_cache:
+        locked_images = LockedFeatures.build(model, "image", [r for r, ok in zip(rows.records, rows.has_image) if ok],
+                                             precision=config.precision, data_fingerprint=fingerprint)
+    if config.lock_text and config.feature_cache:
+        texts = ([config.label_template.format(label=c) for c in rows.classes] if config.objective == "label"
+                 else [t for t in rows.texts if t is not None])
+        locked_texts = LockedFeatures.build(model, "text", texts, precision=config.precision,
+                                            data_fingerprint=fingerprint)
+    if config.compile:
+        for name, tower in model.towers().items():
+            if not (name == "image" and config.lock_image) and not (name == "text" and config.lock_text):
+                tower.compile()
+    return StepRunner(model, build_loss(config), config, world, locked_images, locked_texts)
+
+
 def _write_run_json(run: Path, config: TrainConfig, prepared: PreparedData, model: ClipModel, groups: list[dict],
-                    rows: TrainingRows, *, status: str, extra: dict) -> None:
+                    rows: TrainingRows, world: World, *, status: str, extra: dict) -> None:
     write_json_atomic(run / "run.json", {
         "status": status,
         "config": asdict(config),
@@ -280,26 +303,8 @@ def _write_run_json(run: Path, config: TrainConfig, prepared: PreparedData, mode
         "batchnorm": "running statistics frozen (eval mode) while training" if config.freeze_batchnorm
                      else "running statistics updated while training",
         "n_training_rows": len(rows.records),
+        "processes": world.size,
         "truncated_texts": model.count_truncated([t for t in rows.texts if t is not None]),
         "environment": environment(),
         **extra,
     })
-
-
-def _metrics_rows(run: Path, keep_until: int) -> list[list]:
-    """Rows of metrics.csv up to `keep_until` steps (a resumed run rewrites what came after its checkpoint)."""
-    path = run / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        next(reader, None)
-        return [row for row in reader if int(row[0]) <= keep_until]
-
-
-def _write_metrics(run: Path, rows: list[list]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(METRICS_COLUMNS)
-    writer.writerows(rows)
-    write_text_atomic(run / "metrics.csv", buffer.getvalue())

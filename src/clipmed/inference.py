@@ -1,0 +1,264 @@
+"""Daily use of a model: label images (predict), embed a dataset (embed), build and search an image index.
+
+Embedding is evaluation/embed.py's and class prompts are evaluation/zeroshot.py's; what is added here is pure
+arithmetic on their embeddings (probabilities, top-k search), the files (Parquet, an index folder) and a fingerprint
+that ties an index to the exact weights that built it.
+
+An index folder holds `embeddings.npy` (float32 [N, D], L2-normalised image embeddings, row i = item i) and
+`index.json` (the model reference and fingerprint, precision, source dataset, the items' id, path, caption and
+attribution fields, and the rows skipped for an unreadable image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .data.datasets import IMAGE_CACHE
+from .data.images import ImageError
+from .data.records import Record
+from .data.sources import LoadedSource
+from .errors import ClipmedError
+from .evaluation.embed import embed_images, embed_texts
+from .evaluation.zeroshot import DEFAULT_TEMPLATE, class_embeddings, zero_shot_scores
+from .io import atomic_write, read_json, write_json_atomic
+from .models import ClipModel
+
+Kinds = Literal["images", "texts", "both"]
+INDEX_JSON = "index.json"
+INDEX_EMBEDDINGS = "embeddings.npy"
+
+
+# ---- models --------------------------------------------------------------------------------------------
+
+def model_reference(spec: str) -> str:
+    """How an index names its model: a folder as an absolute path, a spec string as given."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def model_fingerprint(model: ClipModel) -> str:
+    """SHA-256 over the family, the image preprocessing and every weight's name and bytes: equal fingerprints give
+    equal embeddings, wherever the model's folder lives."""
+    digest = hashlib.sha256(json.dumps([model.family, model.preprocess.to_dict()], sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def image_record(path: str) -> Record:
+    """A record for an image file named on the command line (its id is the path as given)."""
+    return Record(id=path, image_path=os.path.abspath(path), caption=None)
+
+
+# ---- predict -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    image: str
+    labels: list[str]          # the top-k labels, most probable first
+    probabilities: list[float]
+
+
+def label_probabilities(image_embeddings: torch.Tensor, class_weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """[N, C] softmax over the labels of scale * cosine similarity: CLIP's zero-shot probabilities."""
+    return torch.softmax(scale * zero_shot_scores(image_embeddings, class_weights), dim=-1)
+
+
+def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
+            top_k: int = 3, precision: str = "bf16") -> list[Prediction]:
+    """The `top_k` most probable of `labels` for each image (the label goes into `template` as {label})."""
+    labels = list(labels)
+    if not labels or len(set(labels)) != len(labels):
+        raise ClipmedError(f"labels must be distinct and at least one, got {labels}")
+    if "{label}" not in template:
+        raise ClipmedError(f"template {template!r} has no {{label}}: every label would get the same prompt")
+    if top_k < 1:
+        raise ClipmedError(f"--top-k must be at least 1, not {top_k}")
+    images = embed_images(model, [image_record(p) for p in image_paths], precision=precision)
+    weights = class_embeddings(model, labels, [template], precision=precision)
+    top = label_probabilities(images, weights, model.scale().item()).topk(min(top_k, len(labels)), dim=-1)
+    return [Prediction(path, [labels[i] for i in index.tolist()], values.tolist())
+            for path, values, index in zip(image_paths, top.values, top.indices)]
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    """A plain-text table: one line per (image, label), the image named on its first line."""
+    width = max([len("label")] + [len(label) for p in predictions for label in p.labels])
+    lines = [f"{'label':<{width}}  probability  image"]
+    for prediction in predictions:
+        for rank, (label, probability) in enumerate(zip(prediction.labels, prediction.probabilities)):
+            lines.append(f"{label:<{width}}  {probability:>11.3f}  {prediction.image if rank == 0 else ''}".rstrip())
+    return "\n".join(lines)
+
+
+# ---- embed ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Embedded:
+    """Embeddings of a dataset's images and/or captions, and what could not be embedded."""
+
+    ids: list[str]
+    kinds: list[str]            # "image" or "text", per row
+    embeddings: np.ndarray      # float32 [N, D], L2-normalised
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    skipped_texts: int = 0      # rows without a caption
+
+
+def readable_images(model: ClipModel, records: Sequence[Record]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records whose image decodes, and (id, reason) for the others. Decoded images stay in the image cache,
+    so embedding them afterwards decodes nothing twice."""
+    usable, skipped = [], []
+    for record in records:
+        if record.image_path is None:
+            skipped.append((record.id, "no image"))
+            continue
+        try:
+            IMAGE_CACHE.get(record.image_path, model.preprocess.size, model.preprocess.interpolation)
+        except ImageError as exc:
+            skipped.append((record.id, exc.reason))
+            continue
+        usable.append(record)
+    return usable, skipped
+
+
+def embed_records(model: ClipModel, records: Sequence[Record], *, what: Kinds = "both", precision: str = "bf16",
+                  progress: bool = False) -> Embedded:
+    """Image and/or caption embeddings of `records`, images first; unreadable images and missing captions skipped."""
+    if what not in ("images", "texts", "both"):
+        raise ClipmedError(f"what must be images, texts or both, not {what!r}")
+    ids: list[str] = []
+    kinds: list[str] = []
+    chunks: list[torch.Tensor] = []
+    skipped: list[tuple[str, str]] = []
+    with_text = [r for r in records if r.caption is not None]
+    if what in ("images", "both"):
+        usable, skipped = readable_images(model, records)
+        chunks.append(embed_images(model, usable, precision=precision, progress=progress))
+        ids += [r.id for r in usable]
+        kinds += ["image"] * len(usable)
+    if what in ("texts", "both"):
+        chunks.append(embed_texts(model, [r.caption for r in with_text], precision=precision, progress=progress))
+        ids += [r.id for r in with_text]
+        kinds += ["text"] * len(with_text)
+    chunks = [chunk for chunk in chunks if len(chunk)]
+    embeddings = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+    return Embedded(ids, kinds, embeddings, skipped, len(records) - len(with_text) if what != "images" else 0)
+
+
+def write_parquet(embedded: Embedded, path: str | Path) -> None:
+    """Columns id (string), kind (string), embedding (list<float32>), written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, dim = embedded.embeddings.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
+    vectors = pa.ListArray.from_arrays(offsets, pa.array(embedded.embeddings.reshape(-1), type=pa.float32()))
+    table = pa.table({"id": pa.array(embedded.ids, type=pa.string()),
+                      "kind": pa.array(embedded.kinds, type=pa.string()), "embedding": vectors})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+# ---- index and search ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Index:
+    directory: Path
+    embeddings: np.ndarray  # float32 [N, D]
+    meta: dict              # index.json
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float            # cosine similarity
+    id: str
+    path: str
+    caption: str | None
+    attribution: dict
+
+
+def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str | Path, *,
+                precision: str = "bf16", progress: bool = False) -> dict:
+    """Embed the images of `source` into the index folder `out`; returns index.json's content."""
+    usable, skipped = readable_images(model, source.records)
+    if not usable:
+        raise ClipmedError(f"{source.path}: no readable image among {len(source.records)} rows, nothing to index")
+    embeddings = embed_images(model, usable, precision=precision, progress=progress).numpy()
+    meta = {"model": model_ref, "model_fingerprint": model_fingerprint(model), "family": model.family,
+            "precision": precision, "dim": int(embeddings.shape[1]),
+            "source": {"path": source.path, "format": source.format, "fingerprint": source.fingerprint},
+            "items": [{"id": r.id, "path": r.image_path, "caption": r.caption, "attribution": r.extra} for r in usable],
+            "skipped": [{"id": i, "reason": reason} for i, reason in skipped]}
+
+    def write_embeddings(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, embeddings)
+
+    out = Path(out)
+
+    atomic_write(out / INDEX_EMBEDDINGS, write_embeddings)
+    write_json_atomic(out / INDEX_JSON, meta)  # last: a folder with index.json holds a complete index
+    return meta
+
+
+def load_index(directory: str | Path) -> Index:
+    directory = Path(directory)
+    if not (directory / INDEX_JSON).is_file() or not (directory / INDEX_EMBEDDINGS).is_file():
+        raise ClipmedError(f"{directory} is not an index folder (no {INDEX_JSON} and {INDEX_EMBEDDINGS}): "
+                           "build one with `clipmed index`")
+    meta = read_json(directory / INDEX_JSON)
+    embeddings = np.load(directory / INDEX_EMBEDDINGS, allow_pickle=False)
+    if embeddings.shape[0] != len(meta["items"]):
+        raise ClipmedError(f"{directory}: {embeddings.shape[0]} embeddings for {len(meta['items'])} items; "
+                           "the index is incomplete, build it again with `clipmed index`")
+    return Index(directory, embeddings, meta)
+
+
+def check_model(index: Index, model: ClipModel, model_ref: str) -> None:
+    """Refuse a model other than the one that built the index: its embeddings live in another space."""
+    if model_fingerprint(model) != index.meta["model_fingerprint"]:
+        raise ClipmedError(f"{index.directory} was built with model {index.meta['model']}, and {model_ref} has "
+                           f"other weights: search with that model, or build the index again with --model {model_ref}")
+
+
+def top_k(embeddings: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(row, cosine) of the k rows most similar to the normalised `query`, best first (ties: lower row first)."""
+    scores = embeddings @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(int(row), float(scores[row])) for row in order]
+
+
+def search(model: ClipModel, index: Index, *, text: str | None = None, image: str | None = None,
+           k: int = 5) -> list[Hit]:
+    """The k indexed images nearest to a text query (text-to-image) or to an image file (image-to-image)."""
+    if (text is None) == (image is None):
+        raise ClipmedError("search needs a query text or --image PATH (one of them)")
+    if k < 1:
+        raise ClipmedError(f"--top-k must be at least 1, not {k}")
+    precision = index.meta["precision"]
+    if text is not None:
+        query = embed_texts(model, [text], precision=precision)[0]
+    else:
+        query = embed_images(model, [image_record(image)], precision=precision)[0]
+    items = index.meta["items"]
+    return [Hit(rank, score, items[row]["id"], items[row]["path"], items[row]["caption"], items[row]["attribution"])
+            for rank, (row, score) in enumerate(top_k(index.embeddings, query.numpy(), k), start=1)]
+
+
+def format_hits(hits: Sequence[Hit], caption_width: int = 60) -> str:
+    """A plain-text table: rank, cosine, id, image path and the start of the caption."""
+    width = max([len("id")] + [len(h.id) for h in hits])
+    lines = [f"rank   score  {'id':<{width}}  image  caption"]
+    for h in hits:
+        caption = h.caption or ""
+        caption = caption if len(caption) <= caption_width else caption[:caption_width - 3] + "..."
+        lines.append(f"{h.rank:>4}  {h.score:6.3f}  {h.id:<{width}}  {h.path}  {caption}".rstrip())
+    return "\n".join(lines)

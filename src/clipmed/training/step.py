@@ -1,0 +1,146 @@
+"""One optimisation step's forward and backward: batch assembly per objective, encoding (with locked-tower
+caches and data-parallel shards), and the loss, either in one pass or with gradient caching (GradCache) so
+that accumulated micro-batches still see every negative of the effective batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from ..data.datasets import stack_images
+from ..data.records import Record
+from ..models.base import ClipModel
+from ..precision import autocast
+from .config import TrainConfig
+from .distributed import World
+from .features import LockedFeatures
+
+
+@dataclass
+class Batch:
+    """What one step encodes and what its loss needs beside the embeddings.
+
+    texts_sharded is False when every rank encodes all texts (the few distinct prompts of a label batch).
+    """
+
+    images: list[Record]
+    texts: list[str]
+    loss_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    texts_sharded: bool = True
+
+
+def make_batch(rows, index: torch.Tensor, config: TrainConfig) -> Batch:
+    """The objective's view of rows `index` of a TrainingRows."""
+    picked = index.tolist()
+    if config.objective == "label":
+        # A batch holds few distinct prompts: encode each once (the loss indexes them per image).
+        distinct, prompt_index = rows.labels[index].unique(return_inverse=True)
+        prompts = [config.label_template.format(label=rows.classes[c]) for c in distinct.tolist()]
+        return Batch([rows.records[i] for i in picked], prompts, {"prompt_index": prompt_index}, texts_sharded=False)
+    if config.objective == "semantic":
+        # Decoupled batch: the images of pair and image-only rows against the texts of pair and text-only rows.
+        with_image = [i for i in picked if rows.has_image[i]]
+        with_text = [i for i in picked if rows.texts[i] is not None]
+        column = {row: position for position, row in enumerate(with_text)}
+        return Batch([rows.records[i] for i in with_image], [rows.texts[i] for i in with_text],
+                     {"image_concepts": rows.concepts[with_image], "text_concepts": rows.concepts[with_text],
+                      "pair_index": torch.tensor([column.get(i, -1) for i in with_image])})
+    return Batch([rows.records[i] for i in picked], [rows.texts[i] for i in picked])
+
+
+class StepRunner:
+    """Forward + backward of one batch; leaves averaged gradients on the parameters and returns the loss."""
+
+    def __init__(self, model: ClipModel, loss_fn: torch.nn.Module, config: TrainConfig, world: World = World(),
+                 locked_images: LockedFeatures | None = None, locked_texts: LockedFeatures | None = None) -> None:
+        self.model, self.loss_fn, self.config, self.world = model, loss_fn, config, world
+        self.locked_images, self.locked_texts = locked_images, locked_texts
+        self.device = torch.device(config.device)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- encoders -----------------------------------------------------------------------------------------
+
+    def encode_images(self, records: Sequence[Record]) -> torch.Tensor:
+        model = self.model
+        with autocast(self.config.precision, self.device):
+            if self.locked_images is not None:
+                features = self.locked_images.lookup([r.id for r in records]).to(self.device)
+            else:
+                pixels = stack_images(records, model.preprocess.size, model.preprocess.interpolation).to(self.device)
+                features = model.image_features(model.normalize_pixels(pixels))
+            return F.normalize(model.project_image(features).float(), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        model = self.model
+        with autocast(self.config.precision, self.device):
+            if self.locked_texts is not None:
+                features = self.locked_texts.lookup(texts).to(self.device)
+            else:
+                features = model.text_features({k: v.to(self.device) for k, v in model.tokenize(texts).items()})
+            return F.normalize(model.project_text(features).float(), dim=-1)
+
+    # ---- the step -----------------------------------------------------------------------------------------
+
+    def __call__(self, batch: Batch) -> float:
+        if self.config.accum_steps > 1:
+            loss = self._grad_cache_step(batch)
+        else:
+            world = self.world
+            image = world.gather(self.encode_images(world.shard(batch.images)), len(batch.images))
+            texts = world.shard(batch.texts) if batch.texts_sharded else batch.texts
+            text = self.encode_texts(texts)
+            text = world.gather(text, len(batch.texts)) if batch.texts_sharded else text
+            loss = self._loss(image, text, batch)
+            loss.backward()
+        self.world.average_gradients(self.parameters)
+        return loss.item()
+
+    def _loss(self, image: torch.Tensor, text: torch.Tensor, batch: Batch) -> torch.Tensor:
+        inputs = {k: v.to(image.device) for k, v in batch.loss_inputs.items()}
+        return self.loss_fn(image, text, self.model.scale(), **inputs)
+
+    def _grad_cache_step(self, batch: Batch) -> torch.Tensor:
+        """GradCache: embed micro-batches without a graph, take the loss and its gradient with respect to the
+        embeddings of the whole batch, then re-embed each micro-batch with a graph and backpropagate its slice
+        of that gradient. Gradients equal the full batch's; activation memory is one micro-batch's."""
+        steps = self.config.accum_steps
+        image_chunks = [list(c) for c in _chunks(batch.images, steps)]
+        text_chunks = [list(c) for c in _chunks(batch.texts, steps)]
+        rng_states: list[torch.Tensor] = []
+        with torch.no_grad():
+            image_parts = [self._remember(rng_states, self.encode_images, chunk) for chunk in image_chunks]
+            text_parts = [self._remember(rng_states, self.encode_texts, chunk) for chunk in text_chunks]
+        after = torch.get_rng_state()
+        image = torch.cat(image_parts).requires_grad_()
+        text = torch.cat(text_parts).requires_grad_()
+        loss = self._loss(image, text, batch)
+        loss.backward()  # the temperature's gradient lands directly; the embeddings' is cached below
+        image_grads = image.grad.split([len(c) for c in image_chunks])
+        text_grads = text.grad.split([len(c) for c in text_chunks])
+        encoders = [self.encode_images] * len(image_chunks) + [self.encode_texts] * len(text_chunks)
+        # Replay each micro-batch with the RNG state of its first pass, so dropout masks match.
+        for encode, chunk, grad, state in zip(encoders, image_chunks + text_chunks, image_grads + text_grads, rng_states):
+            torch.set_rng_state(state)
+            encode(chunk).backward(grad)
+        torch.set_rng_state(after)
+        return loss.detach()
+
+    @staticmethod
+    def _remember(states: list[torch.Tensor], encode, chunk) -> torch.Tensor:
+        states.append(torch.get_rng_state())
+        return encode(chunk)
+
+
+def _chunks(items: Sequence, n: int) -> list[Sequence]:
+    """n contiguous, nearly equal chunks (empty ones dropped)."""
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        if end > start:
+            out.append(items[start:end])
+        start = end
+    return out
