@@ -17,7 +17,7 @@ from clipmed.errors import ClipmedError
 from clipmed.evaluation.embed import embed_images, embed_texts
 from clipmed.export import export_model
 from clipmed.models import ClipModel, load_model
-from conftest import tiny_dual
+from helpers import tiny_dual
 
 TEXTS = ["A medical image of Chest", "axial CT of the abdomen showing a large hypodense mass in the liver"]
 

@@ -16,7 +16,7 @@ from clipmed.evaluation.embed import embed_images, embed_texts
 from clipmed.evaluation.zeroshot import class_embeddings
 from clipmed.inference import label_probabilities, model_fingerprint, top_k
 from clipmed.models import load_model
-from conftest import write_synthetic_imagefolder
+from helpers import write_synthetic_imagefolder
 
 LABELS = ["Chest", "Abdomen", "Head"]
 

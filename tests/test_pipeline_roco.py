@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clipmed.cli import main
-from conftest import ROCO
+from helpers import ROCO
 
 pytestmark = pytest.mark.skipif(not (ROCO / "metadata.jsonl").exists(), reason=f"{ROCO} is absent")
 

@@ -9,7 +9,7 @@ import torch
 
 from clipmed.errors import ClipmedError
 from clipmed.models import DualEncoderCLIP, HFCLIP, load_model, model_dir
-from conftest import tiny_dual
+from helpers import tiny_dual
 
 TEXTS = ["A medical image of Chest", "axial CT of the abdomen showing a large hypodense mass in the liver"]
 

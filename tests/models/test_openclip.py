@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from clipmed.errors import ClipmedError
 from clipmed.models import OpenCLIP, load_model
-from conftest import TINY_TEXT, minilm_tokenizer
+from helpers import TINY_TEXT, minilm_tokenizer
 from test_export import assert_readme_matches, square_images
 
 open_clip = pytest.importorskip("open_clip")

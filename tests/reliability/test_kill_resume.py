@@ -18,7 +18,7 @@ import pytest
 
 from clipmed.data.records import FieldMap
 from clipmed.data.split import prepare
-from conftest import write_synthetic_imagefolder
+from helpers import write_synthetic_imagefolder
 from reliability_helpers import (assert_same_weights, checkpoint_files, kill, last_logged_step, load_every_checkpoint,
                                  metric_rows, run_clipmed, stale_temporaries, start_clipmed, train_args,
                                  wait_for_checkpoint)
@@ -110,7 +110,6 @@ def test_repeated_kills_at_random_moments_still_give_identical_weights(kill_data
     total = EPOCHS * steps_per_epoch
     resumed_from = 0
     kills = 0
-    rows_lost = False
     for attempt in range(3):
         args = train_args(kill_data, tiny_dual_folder, run) if attempt == 0 else ["train", "--resume", str(run)]
         process = start_clipmed(*args, log=log)
@@ -130,18 +129,13 @@ def test_repeated_kills_at_random_moments_still_give_identical_weights(kill_data
         kills += 1
         states = load_every_checkpoint(run)  # every checkpoint on disk loads, whenever the kill came
         resumed_from = states[run / "checkpoints" / "last.pt"]["step"]
-        # Killed after last.pt was replaced but before metrics.csv was: the window of the xfail test below.
-        rows_lost |= last_logged_step(run) < resumed_from
+        assert last_logged_step(run) >= resumed_from  # the logs are written before the checkpoint
     assert kills >= 2
     _resume(run)
     assert not stale_temporaries(run)
-    if rows_lost:
-        assert_same_weights(run, reference())
-        pytest.xfail("a kill landed between the writes of last.pt and metrics.csv (needs lead's change)")
     _assert_same_run(run, reference())
 
 
-@pytest.mark.xfail(strict=True, reason="needs lead's change: train.py checkpoint() writes metrics.csv before last.pt")
 def test_a_kill_right_after_a_checkpoint_write_loses_no_metrics_rows(prepared_synthetic, tiny_dual_folder, tmp_path,
                                                                       monkeypatch):
     """Deterministic version of the narrowest window: killed right after last.pt was replaced. If metrics.csv is
@@ -174,8 +168,6 @@ def test_a_kill_right_after_a_checkpoint_write_loses_no_metrics_rows(prepared_sy
     assert_same_weights(resumed, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="needs lead's change: train() calls clean_stale_temporaries(run, names=None) "
-                                       "when resuming")
 def test_resume_removes_temporaries_of_interrupted_run_folder_writes(prepared_synthetic, tiny_dual_folder, tmp_path):
     from clipmed.training.config import TrainConfig
     from clipmed.training.train import train

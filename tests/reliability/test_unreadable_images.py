@@ -11,7 +11,7 @@ import pytest
 from clipmed import cli
 from clipmed.data.records import FieldMap
 from clipmed.data.split import load_prepared, prepare
-from conftest import write_synthetic_imagefolder
+from helpers import write_synthetic_imagefolder
 from reliability_helpers import single_thread, train_options
 
 

@@ -17,7 +17,7 @@ from clipmed.training.config import TrainConfig
 from clipmed.training.distributed import World
 from clipmed.training.step import StepRunner, make_batch
 from clipmed.training.train import build_loss, train, training_rows
-from conftest import REPO, tiny_dual
+from helpers import REPO, tiny_dual
 
 
 def _gradients(objective: str, prepared_dir, *, accum_steps: int = 1, world: World = World(), seed: int = 0):

@@ -14,7 +14,7 @@ from clipmed.training import train as train_module
 from clipmed.training.config import TrainConfig
 from clipmed.training.optim import build_optimizer
 from clipmed.training.train import epoch_order, train
-from conftest import tiny_dual
+from helpers import tiny_dual
 
 
 def _config(prepared, model, out, **overrides) -> TrainConfig:
@@ -138,7 +138,7 @@ def prepared_decoupled(tmp_path_factory):
     """Synthetic data where some images are missing (text-only rows) and some captions empty (image-only)."""
     from clipmed.data.records import FieldMap
     from clipmed.data.split import prepare
-    from conftest import write_synthetic_imagefolder
+    from helpers import write_synthetic_imagefolder
 
     root = write_synthetic_imagefolder(tmp_path_factory.mktemp("decoupled"))
     rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]

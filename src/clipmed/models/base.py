@@ -19,6 +19,38 @@ Origin = Literal["clip", "pretrained", "new"]
 MAX_LOGIT_SCALE = 100.0
 
 
+def tokenize_padded(tokenizer, texts: Sequence[str], context_length: int) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask, padded to the batch's longest text rounded up to a multiple of 8 (never past
+    the context): short batches skip most of the text compute, and aligned lengths suit fast kernels."""
+    encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=context_length,
+                        return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    extra = min(context_length, -(-ids.shape[1] // 8) * 8) - ids.shape[1]
+    if extra > 0:
+        ids = nn.functional.pad(ids, (0, extra), value=tokenizer.pad_token_id)
+        mask = nn.functional.pad(mask, (0, extra), value=0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """transformers' activation checkpointing switch (named gradient_checkpointing_* before transformers 5)."""
+    verb = "enable" if enabled else "disable"
+    switch = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(model, f"gradient_checkpointing_{verb}")
+    switch()
+
+
+def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """transformers' activation checkpointing switch (named gradient_checkpointing_* before transformers 5)."""
+    verb = "enable" if enabled else "disable"
+    switch = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(model, f"gradient_checkpointing_{verb}")
+    switch()
+
+
+def count_truncated(tokenizer, texts: Sequence[str], context_length: int) -> int:
+    """How many texts are longer than the context and get cut."""
+    return sum(len(ids) > context_length for ids in tokenizer(list(texts), truncation=False)["input_ids"])
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """A tower's own preprocessing: shorter side resized to `size`, centre crop `size`, then normalised."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ClipmedError
 from ..io import atomic_write, write_json_atomic
-from .base import ClipModel, ImagePreprocess, Origin, Tower
+from .base import ClipModel, ImagePreprocess, Origin, Tower, count_truncated, set_hf_checkpointing, tokenize_padded
 
 DEFAULT_SPEC = "dual:efficientnet-lite0+minilm"
 IMAGE_TOWERS = ("efficientnet-lite0",)
@@ -131,10 +131,7 @@ class DualEncoderCLIP(ClipModel):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self._checkpointing = enabled
-        if enabled:
-            self.text_tower.gradient_checkpointing_enable()
-        else:
-            self.text_tower.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.text_tower, enabled)
 
     def _checkpointed_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """extract_features with each MBConv block recomputed in backward (the blocks hold the activations)."""
@@ -149,18 +146,14 @@ class DualEncoderCLIP(ClipModel):
         return tower._swish(tower._bn1(tower._conv_head(x)))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        # Padding to the batch's longest (a multiple of 8) instead of the full context saves most text compute.
-        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
-                                 pad_to_multiple_of=8, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return tokenize_padded(self.tokenizer, texts, self.context_length)
 
     @property
     def context_length(self) -> int:
         return self.config.context_length
 
     def count_truncated(self, texts: Sequence[str]) -> int:
-        lengths = self.tokenizer(list(texts), truncation=False)["input_ids"]
-        return sum(len(ids) > self.context_length for ids in lengths)
+        return count_truncated(self.tokenizer, texts, self.context_length)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
 

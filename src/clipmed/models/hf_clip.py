@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ClipmedError
 from ..io import write_json_atomic
-from .base import ClipModel, ImagePreprocess, Origin, Tower
+from .base import ClipModel, ImagePreprocess, Origin, Tower, count_truncated, set_hf_checkpointing, tokenize_padded
 
 MARKER = "clipmed_hf.json"
 # Files whose `auto_map` asks transformers to import Python code shipped with the model.
@@ -67,25 +67,17 @@ class HFCLIP(ClipModel):
         return self.model.text_projection(features)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        if enabled:
-            self.model.gradient_checkpointing_enable()
-        else:
-            self.model.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.model, enabled)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        encoded = self.processor.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
-                                           pad_to_multiple_of=8, return_tensors="pt")
-        # Rounding the padding up to 8 must never exceed the position table.
-        ids, mask = encoded["input_ids"][:, : self.context_length], encoded["attention_mask"][:, : self.context_length]
-        return {"input_ids": ids, "attention_mask": mask}
+        return tokenize_padded(self.processor.tokenizer, texts, self.context_length)
 
     @property
     def context_length(self) -> int:
         return self._context_length
 
     def count_truncated(self, texts: Sequence[str]) -> int:
-        lengths = self.processor.tokenizer(list(texts), truncation=False)["input_ids"]
-        return sum(len(ids) > self.context_length for ids in lengths)
+        return count_truncated(self.processor.tokenizer, texts, self.context_length)
 
     def _tower_and_origin(self, name: str) -> tuple[Tower, Origin]:
         inner = name.removeprefix("model.")

@@ -28,7 +28,7 @@ from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
 from ..io import read_json, write_json_atomic
 from ..models import ClipModel, load_model
 from ..objectives import OBJECTIVES, ContrastiveLoss, LabelLoss, SemanticMatchingLoss
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import clean_stale_temporaries, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import World, init_world
 from .features import LockedFeatures
@@ -170,11 +170,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     run = Path(config.out)
     checkpoints = run / "checkpoints"
     if resume:
+        if not (run / "run.json").is_file():
+            raise ClipmedError(f"{run} holds no run to resume (no run.json: it was never started, or is not a run "
+                               "folder); start it with --data and --out instead")
         saved = read_json(run / "run.json")
         config = TrainConfig.from_dict({**saved["config"], "out": str(run)})
     world = init_world(config.device)
     if not resume and (run / "run.json").exists():
         raise ClipmedError(f"{run} already holds a run: pass --resume to continue it or choose another --out")
+    if resume and world.is_main:
+        clean_stale_temporaries(run, names=None)  # temporaries of run.json and the logs, left by a kill
     world.barrier()  # every rank checked before rank 0 writes run.json
     if world.distributed and config.accum_steps > 1:
         raise ClipmedError("--accum-steps with several processes is not supported: use one or the other")
@@ -216,11 +221,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     def checkpoint() -> None:
         if world.is_main:
+            # The logs first: a kill between the two writes leaves rows after the checkpoint (dropped on
+            # resume), never a checkpoint after rows that were not written.
+            logger.flush()
             save_checkpoint(checkpoints, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                                           "step": step, "best": best, "best_epoch": best_epoch,
                                           "score_name": score_name})
-            logger.flush()
         world.barrier()
 
     started = time.time()
