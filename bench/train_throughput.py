@@ -41,21 +41,22 @@ def scenario_texts(scenario: str, rng: random.Random) -> tuple[list[str], list[s
     return rng.sample(captions, BATCH), None
 
 
-def clipmed_step(model, objective: str, records, texts, labels):
-    """One step of clipmed's trainer (StepRunner + its optimizer) on a fixed batch."""
+def clipmed_step(model, objective: str, records, texts, labels, **options):
+    """One step of clipmed's trainer (StepRunner + its optimizer) on a fixed batch; `options` are TrainConfig
+    fields (accum_steps, ...)."""
     from clipmed.training.config import TrainConfig
     from clipmed.training.optim import build_optimizer
     from clipmed.training.step import StepRunner, make_batch
     from clipmed.training.train import TrainingRows, build_loss
 
-    config = TrainConfig(objective=objective, batch_size=BATCH, precision="bf16", lr_clip=1e-5)
+    config = TrainConfig(objective=objective, batch_size=len(records), precision="bf16", lr_clip=1e-5, **options)
     classes = sorted(set(labels)) if labels else []
     rows = TrainingRows(list(records), list(texts), [True] * len(records), classes,
                         labels=torch.tensor([classes.index(x) for x in labels]) if labels else None)
     runner = StepRunner(model, build_loss(config), config)
     optimizer, _ = build_optimizer(model, config)
     model.set_train_mode(freeze_batchnorm=True)
-    batch = make_batch(rows, torch.arange(BATCH), config)
+    batch = make_batch(rows, torch.arange(len(records)), config)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -64,6 +64,12 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
     group.add_argument("--entities-from", choices=["captions", "labels", "both"], default=defaults.entities_from)
     group.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
     group.add_argument("--precision", choices=["bf16", "fp32"], default=defaults.precision)
+    group.add_argument("--accum-steps", type=int, default=defaults.accum_steps,
+                       help="micro-batches per step; the loss still sees every negative of --batch-size (GradCache)")
+    group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    group.add_argument("--compile", action="store_true", help="torch.compile the trainable towers")
+    group.add_argument("--no-feature-cache", action="store_true",
+                       help="recompute a locked tower's features every step instead of caching them on disk")
     group.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     group.add_argument("--max-steps", type=int)
     group.add_argument("--seed", type=int, default=defaults.seed)
@@ -80,7 +86,9 @@ def _train_config(args: argparse.Namespace, **overrides):
                   lock_image=args.lock_image, lock_text=args.lock_text, freeze_batchnorm=not args.update_batchnorm,
                   label_template=args.label_template, label_targets=args.label_targets,
                   semantic_temperature=args.semantic_temperature, entities_from=args.entities_from,
-                  vocabulary=args.vocabulary, precision=args.precision,
+                  vocabulary=args.vocabulary, precision=args.precision, accum_steps=args.accum_steps,
+                  grad_checkpointing=args.grad_checkpointing, compile=args.compile,
+                  feature_cache=not args.no_feature_cache,
                   checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device,
                   report_to=tuple(args.report_to))
     values.update(overrides)
@@ -101,7 +109,9 @@ def _typed_options(argv: list[str] | None) -> set[str]:
 
 
 # Typed options of `reproduce` whose place in ReproduceConfig is not a top-level field of the same name.
-_REPRODUCE_PATHS = {"epochs": "train.epochs", "update_batchnorm": "train.freeze_batchnorm",
+# Negated flags and the TrainConfig field they set.
+_NEGATED = {"update_batchnorm": "freeze_batchnorm", "no_feature_cache": "feature_cache"}
+_REPRODUCE_PATHS = {"epochs": "train.epochs", **{flag: f"train.{name}" for flag, name in _NEGATED.items()},
                     "fractions": "sweep_fractions", "caption_epochs": "epochs.caption",
                     "label_epochs": "epochs.label", "semantic_epochs": "epochs.semantic"}
 
@@ -118,7 +128,7 @@ def _recipe_paths(typed: set[str], config) -> set[str]:
         return {f.name for f in fields(cls)}
 
     if isinstance(config, TrainConfig):
-        return {"freeze_batchnorm" if d == "update_batchnorm" else d for d in typed} & names(TrainConfig)
+        return {_NEGATED.get(d, d) for d in typed} & names(TrainConfig)
     paths = set()
     for dest in typed:
         if dest in _REPRODUCE_PATHS:
@@ -475,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     `clipmed: error: <what is wrong>; <how to fix it>`, and returns 2; an interruption returns 130."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the weight-loading reports are noise for a CLI user
+    # transformers' weight-loading reports and download/save progress bars are noise for a CLI user.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None):

@@ -115,3 +115,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, tiny_hf):
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+@pytest.mark.parametrize("family", ["dual", "hf"])
+def test_length_bucketed_text_features_equal_one_padded_batch(family, tiny_hf):
+    model = tiny_dual() if family == "dual" else load_model(f"hf:{tiny_hf}")
+    model.eval()
+    texts = ["CT", "axial CT of the abdomen showing a large hypodense mass in the liver with ascites " * 2,
+             "chest x-ray", "MRI of the knee", "panoramic dental radiograph showing a cyst"]
+    with torch.no_grad():
+        one_batch = model.text_features(model.tokenize(texts))
+        bucketed = model.text_features_by_length(texts, bucket_size=2)
+    assert torch.allclose(one_batch, bucketed, atol=1e-5)

@@ -140,14 +140,19 @@ def _load_imagefolder(path: str, fields: FieldMap, image_root: str | None) -> Lo
     columns = _union_keys(row for _, row in rows)
     image_col = _require(columns, fields.image_field, "image path", "--image-field", meta)
     caption_col = _require(columns, fields.caption_field, "caption", "--caption-field", meta)
-    cols = _columns(columns, fields, meta, image_col, caption_col)
-    base = image_root or str(meta.parent.resolve())
+    return _path_and_caption_source(rows, _columns(columns, fields, meta, image_col, caption_col), image_col,
+                                    caption_col, "imagefolder", path, meta, image_root)
+
+
+def _path_and_caption_source(rows: list[tuple[str, Any]], cols: "_Columns", image_col: str, caption_col: str,
+                             fmt: str, path: str, file: Path, image_root: str | None) -> LoadedSource:
+    """A source whose rows name an image path (relative to image_root, else the file's folder) and a caption."""
+    base = image_root or str(file.parent.resolve())
     records, locators, problems = _build(
         rows, cols,
         image_of=lambda row, _id: _path_value(row.get(image_col), base),
         caption_of=lambda row: _text(row.get(caption_col), "caption"))
-    return LoadedSource(records, "imagefolder", os.path.abspath(path), image_root,
-                        fingerprint_files([meta]), problems, locators)
+    return LoadedSource(records, fmt, os.path.abspath(path), image_root, fingerprint_files([file]), problems, locators)
 
 
 # --- PubMedVision -------------------------------------------------------------------------------
@@ -234,14 +239,8 @@ def _load_csv(path: str, fields: FieldMap, image_root: str | None) -> LoadedSour
     caption_col = _default_or(columns, fields.caption_field, _DEFAULTS.caption_field, "title")
     _require(columns, image_col, "image path", "--image-field", file)
     _require(columns, caption_col, "caption", "--caption-field", file)
-    cols = _columns(columns, fields, file, image_col, caption_col)
-    base = image_root or str(file.parent.resolve())
-    records, locators, problems = _build(
-        rows, cols,
-        image_of=lambda row, _id: _path_value(row.get(image_col), base),
-        caption_of=lambda row: _text(row.get(caption_col), "caption"))
-    return LoadedSource(records, "csv", os.path.abspath(path), image_root,
-                        fingerprint_files([file]), problems, locators)
+    return _path_and_caption_source(rows, _columns(columns, fields, file, image_col, caption_col), image_col,
+                                    caption_col, "csv", path, file, image_root)
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------

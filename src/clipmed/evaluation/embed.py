@@ -53,9 +53,12 @@ def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128
     """L2-normalised float32 text embeddings [N, D] in input order."""
     device = _device(model)
     chunks = []
+    # Sorted by length so that each batch pads only to its own longest text; results return in input order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     with evaluating(model):
         for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=None if progress else True, leave=False):
-            tokens = {k: v.to(device) for k, v in model.tokenize(texts[start:start + batch_size]).items()}
+            batch = [texts[i] for i in order[start:start + batch_size]]
+            tokens = {k: v.to(device) for k, v in model.tokenize(batch).items()}
             with autocast(precision, device):
                 chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+    return torch.cat(chunks)[torch.argsort(torch.tensor(order))] if chunks else torch.empty(0, 0)

@@ -98,6 +98,21 @@ class ClipModel(nn.Module):
     def project_text(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def text_features_by_length(self, texts: Sequence[str], device: torch.device | str = "cpu",
+                                bucket_size: int = 8) -> torch.Tensor:
+        """text_features of texts encoded in groups of similar length, each padded only to its own longest.
+
+        Padding is masked, so the features equal those of one padded batch; but captions vary a lot in length
+        (roco-radiology: mean 35 tokens, a batch of 32 pads to about 110), so most of the text compute is saved.
+        """
+        lengths = self.tokenize(texts)["attention_mask"].sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for start in range(0, len(texts), bucket_size):
+            chunk = [texts[i] for i in order[start:start + bucket_size].tolist()]
+            parts.append(self.text_features({k: v.to(device) for k, v in self.tokenize(chunk).items()}))
+        return torch.cat(parts)[torch.argsort(order).to(device)]
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.image_features(pixels))
 

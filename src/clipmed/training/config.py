@@ -18,7 +18,7 @@ class TrainConfig:
     out: str = ""                       # the run folder
     model: str = DEFAULT_SPEC
     objective: str = "caption"          # caption | label | semantic
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 32
     lr_clip: float | None = None        # weights pretrained contrastively; None = CLIP's rate scaled by batch
     lr_pretrained: float = 1e-4         # towers pretrained alone (ImageNet CNN, MiniLM): chosen by experiment
@@ -37,6 +37,7 @@ class TrainConfig:
     accum_steps: int = 1                # micro-batches per step; the loss still sees the whole batch (GradCache)
     grad_checkpointing: bool = False    # recompute tower activations in backward: less memory, more compute
     compile: bool = False               # torch.compile the trainable towers
+    text_bucket: int = 8                # texts encoded in length-sorted groups of this size (less padding)
     feature_cache: bool = True          # a locked tower's features are computed once and cached on disk (LiT)
     seed: int = 0
     checkpoint_every: int = 50          # steps; also at every epoch end

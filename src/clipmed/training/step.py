@@ -79,7 +79,7 @@ class StepRunner:
             if self.locked_texts is not None:
                 features = self.locked_texts.lookup(texts).to(self.device)
             else:
-                features = model.text_features({k: v.to(self.device) for k, v in model.tokenize(texts).items()})
+                features = model.text_features_by_length(texts, self.device, self.config.text_bucket)
             return F.normalize(model.project_text(features).float(), dim=-1)
 
     # ---- the step -----------------------------------------------------------------------------------------

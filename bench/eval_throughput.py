@@ -1,0 +1,75 @@
+"""Evaluation cost against the bare forward pass: clipmed embeds each split once per model and reuses the
+embeddings for zero-shot (single and ensemble), linear probe and retrieval.
+
+    python bench/eval_throughput.py --out bench/results/eval_throughput.json
+
+Times `full_evaluation` (test + train images, test captions, every metric with 1,000 bootstrap resamples)
+and the bare forward passes of the same images and captions in the same process, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, roco_captions, synthetic_records, write_results  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/eval_throughput.json")
+    parser.add_argument("--test", type=int, default=150)
+    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    from clipmed.data.datasets import IMAGE_CACHE
+    from clipmed.evaluation.embed import embed_images, embed_texts
+    from clipmed.evaluation.evaluate import EvalConfig, full_evaluation
+    from clipmed.knowledge import load_templates
+    from clipmed.models import load_model
+
+    classes = ["Abdomen", "Chest", "Dental", "Extremity", "Head and Neck", "Pelvis", "Spine"]
+    rng = random.Random(0)
+    captions = roco_captions(args.test)
+    records = [dataclasses.replace(r, caption=captions[i % len(captions)], label=rng.choice(classes))
+               for i, r in enumerate(synthetic_records(args.test + args.train))]
+    test, train = records[:args.test], records[args.test:]
+    model = load_model("dual:efficientnet-lite0+minilm")
+    IMAGE_CACHE.warm([r.image_path for r in records], model.preprocess.size)
+    templates = load_templates("body_part")
+
+    def bare() -> None:
+        embed_images(model, test)
+        embed_texts(model, [r.caption for r in test])
+        embed_images(model, train)
+
+    def evaluation() -> None:
+        full_evaluation(model, test, train, classes, templates, EvalConfig())
+
+    times = {"bare forward": [], "full evaluation": []}
+    with torch.no_grad():
+        bare()  # warm-up
+    for _ in range(args.rounds):
+        for name, run in (("bare forward", bare), ("full evaluation", evaluation)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in times.items()}
+    overhead = best["full evaluation"] / best["bare forward"] - 1
+    results = {"machine": machine(), "test_rows": args.test, "train_rows": args.train,
+               "seconds": best, "overhead_vs_bare_forward": overhead}
+    print_table(["what", "seconds"], [[name, f"{s:.2f}"] for name, s in best.items()])
+    print(f"evaluation overhead over the bare forward pass: {100 * overhead:+.1f}% (target: within 20%)")
+    write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
