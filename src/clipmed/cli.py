@@ -173,8 +173,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .data.split import load_for_evaluation, load_prepared
-    from .evaluation.evaluate import EvalConfig, zero_shot_evaluation
+    from .evaluation.evaluate import EvalConfig, full_evaluation
     from .io import write_json_atomic
+    from .knowledge import load_templates
     from .models import load_model
 
     if (Path(args.data) / "split.json").exists():
@@ -186,21 +187,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if args.label_field not in (None, label_field):
             raise ClipmedError(f"{args.data} was prepared with label field {label_field!r}, not {args.label_field!r}: "
                                "prepare the dataset again with that --label-field")
-        records, classes = prepared.records(args.split), prepared.classes
+        records, classes, train = prepared.records(args.split), prepared.classes, prepared.records("train")
     else:
         if args.split != "all":
             raise ClipmedError(f"{args.data} has no split.json: run `clipmed prepare` first, or pass --split all "
                                "to score every labeled row")
-        args.label_field = args.label_field or "body_part"
+        label_field = args.label_field = args.label_field or "body_part"
         records, classes = load_for_evaluation(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root,
                                                classes=_classes(args), min_class_count=args.min_class_count)
+        train = None  # a dataset never prepared has no train split for the linear probe
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     config = EvalConfig(template=args.template, precision=args.precision)
-    result = zero_shot_evaluation(model, records, classes, config, progress=True)
+    result, _ = full_evaluation(model, records, train, classes, load_templates(label_field or "default", args.templates),
+                                config, progress=True)
     if args.out:
         write_json_atomic(args.out, result)
     print(f"n={result['n']} top1={result['top1']:.3f} {result['ci95']['top1']} top3={result['top3']:.3f} "
-          f"macro_f1={result['macro_f1']:.3f}")
+          f"macro_f1={result['macro_f1']:.3f} ensemble_top1={result['ensemble']['top1']:.3f} "
+          f"mean_R@1={result['retrieval']['mean_recall_at_1']:.3f}")
 
 
 def cmd_entities(args: argparse.Namespace) -> None:
@@ -365,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val", "all"], default="test")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--template", default="A medical image of {label}")
+    p.add_argument("--templates", help="a prompt-ensemble YAML replacing the packaged one (label field -> templates)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     _add_data_options(p)
@@ -408,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "Chest,Abdomen,Head"')
     p.add_argument("--template", default="A medical image of {label}")
+    p.add_argument("--templates", help="a prompt-ensemble YAML replacing the packaged one (label field -> templates)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     _add_inference_options(p)

@@ -184,7 +184,10 @@ def _report_context(config: ReproduceConfig, prepared: PreparedData, elapsed: fl
         "dataset": config.data,
         "label_field": label_field,
         "label_source": (f"the `{label_field}` field of the source, cleaned to the classes "
-                         + (f"with at least {config.min_class_count} rows" if not config.classes else "given")),
+                         + (f"with at least {config.min_class_count} rows" if not config.classes else "given")
+                         + ". Check how that field was made: labels derived from the captions themselves (keyword "
+                           "rules in roco-radiology, a model's annotations in PubMedVision) are weak and favour "
+                           "caption-trained models"),
         "counts": prepared.manifest["counts"],
         "model": config.model,
         "notes": notes,

@@ -127,3 +127,15 @@ def test_length_bucketed_text_features_equal_one_padded_batch(family, tiny_hf):
         one_batch = model.text_features(model.tokenize(texts))
         bucketed = model.text_features_by_length(texts, bucket_size=2)
     assert torch.allclose(one_batch, bucketed, atol=1e-5)
+
+
+def test_uniform_length_texts_are_encoded_as_one_batch(monkeypatch):
+    model = tiny_dual()
+    calls = []
+    real = model.text_features
+    monkeypatch.setattr(model, "text_features", lambda tokens: calls.append(len(tokens["input_ids"])) or real(tokens))
+    model.text_features_by_length(["mass " * 40] * 16, bucket_size=4)  # all cut at the context: one padded length
+    assert calls == [16]
+    calls.clear()
+    model.text_features_by_length(["CT"] * 4 + ["mass " * 40] * 4, bucket_size=4)
+    assert calls == [4, 4]

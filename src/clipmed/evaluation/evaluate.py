@@ -75,25 +75,27 @@ def zero_shot_evaluation(model: ClipModel, records: Sequence[Record], classes: S
     return {**result, "unreadable_images": skipped} if skipped else result
 
 
-def full_evaluation(model: ClipModel, test: Sequence[Record], train: Sequence[Record], classes: Sequence[str],
+def full_evaluation(model: ClipModel, test: Sequence[Record], train: Sequence[Record] | None, classes: Sequence[str],
                     ensemble_templates: Sequence[str], config: EvalConfig = EvalConfig(), *,
                     progress: bool = False) -> tuple[dict, Embeddings]:
-    """Zero-shot + `ensemble` + `probe` + `retrieval` (MedCLIP's evaluations) on test; the probe trains on train.
+    """Zero-shot + `ensemble` + `probe` + `retrieval` (MedCLIP's evaluations) on test; the probe trains on train
+    (no probe without a train split, e.g. a dataset that was never prepared).
 
     Test images, test captions and train images are each embedded once and shared by every evaluation.
     """
-    (test, skipped), (train, _) = _readable(model, test), _readable(model, train)
+    test, skipped = _readable(model, test)
     embed = dict(batch_size=config.batch_size, precision=config.precision, progress=progress)
     test_images = embed_images(model, test, **embed)
     test_texts = embed_texts(model, [r.caption for r in test], precision=config.precision, progress=progress)
-    train_images = embed_images(model, train, **embed)
-    test_labels, train_labels = _labels(test, classes), _labels(train, classes)
+    test_labels = _labels(test, classes)
 
     result, scores = zero_shot_metrics(model, test_images, test_labels, classes, [config.template], config)
     result["ensemble"], _ = zero_shot_metrics(model, test_images, test_labels, classes, ensemble_templates, config)
-    result["probe"] = linear_probe(train_images.numpy(), train_labels, test_images.numpy(), test_labels, list(classes),
-                                   shots=config.probe_shots, draws=config.probe_draws, seed=config.seed,
-                                   n_boot=config.n_boot)
+    if train is not None:
+        train, _ = _readable(model, train)
+        result["probe"] = linear_probe(embed_images(model, train, **embed).numpy(), _labels(train, classes),
+                                       test_images.numpy(), test_labels, list(classes), shots=config.probe_shots,
+                                       draws=config.probe_draws, seed=config.seed, n_boot=config.n_boot)
     # Each test image is paired with its own caption; Precision@K counts retrieved items of the same class.
     result["retrieval"] = retrieval_metrics((test_images @ test_texts.t()).numpy(), image_labels=test_labels,
                                             text_labels=test_labels, ks=config.retrieval_ks, n_boot=config.n_boot,

@@ -107,9 +107,18 @@ class ClipModel(nn.Module):
         """
         lengths = self.tokenize(texts)["attention_mask"].sum(dim=1)
         order = torch.argsort(lengths, stable=True)
+        # Groups of bucket_size in length order; neighbours that pad to the same length (multiple of 8) stay one
+        # group, so uniform lengths (e.g. all at the context limit) cost one full-size batch, not several small ones.
+        padded = ((lengths[order] + 7) // 8 * 8).clamp(max=self.context_length).tolist()
+        bounds = [0]
+        for start in range(bucket_size, len(texts), bucket_size):
+            next_end = min(start + bucket_size, len(texts))
+            if padded[start - 1] != padded[next_end - 1]:  # the next group pads longer: keep them apart
+                bounds.append(start)
+        bounds.append(len(texts))
         parts = []
-        for start in range(0, len(texts), bucket_size):
-            chunk = [texts[i] for i in order[start:start + bucket_size].tolist()]
+        for start, end in zip(bounds, bounds[1:]):
+            chunk = [texts[i] for i in order[start:end].tolist()]
             parts.append(self.text_features({k: v.to(device) for k, v in self.tokenize(chunk).items()}))
         return torch.cat(parts)[torch.argsort(order).to(device)]
 

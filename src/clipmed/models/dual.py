@@ -97,7 +97,9 @@ class DualEncoderCLIP(ClipModel):
         image_dim = self.image_tower._bn1.num_features
 
         if pretrained:
-            self.text_tower = BertModel.from_pretrained(str(_minilm_dir()), add_pooling_layer=False)
+            # Loaded whole (the checkpoint has a pooler: no "unexpected keys" report), then the unused pooler dropped.
+            self.text_tower = BertModel.from_pretrained(str(_minilm_dir()))
+            self.text_tower.pooler = None
         else:
             text_config = BertConfig(**config.text_config) if config.text_config else BertConfig.from_pretrained(str(_minilm_dir()))
             self.text_tower = BertModel(text_config, add_pooling_layer=False)

@@ -88,7 +88,7 @@ def _counts(counts: dict) -> list[str]:
     """A "Rows: train 1,000, ..." line for plain counts, then one line per nested count table (e.g. per class)."""
     flat = {key: value for key, value in counts.items() if not isinstance(value, dict)}
     lines = [f"- Rows: {_count_list(flat)}"] if flat else []
-    nested = {key: value for key, value in counts.items() if isinstance(value, dict)}
+    nested = {key: value for key, value in counts.items() if isinstance(value, dict) and value}
     return lines + [f"- {key.replace('_', ' ')}: {_count_list(value)}" for key, value in nested.items()]
 
 

@@ -196,8 +196,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                            f"(batch size {config.batch_size}): lower --batch-size or prepare more data")
     model = load_model(config.model).to(device)
     rows, val, unreadable = _drop_unreadable(rows, prepared.records("val"), model, progress)
+    optimizer, groups = build_optimizer(model, config)  # also freezes locked towers (requires_grad False)
     runner = _step_runner(model, config, world, rows, prepared)
-    optimizer, groups = build_optimizer(model, config)
     steps_per_epoch = len(rows.records) // config.batch_size  # drop_last: a tiny final batch has no negatives
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
