@@ -341,7 +341,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_SPEC
 
-    parser = argparse.ArgumentParser(prog="clipmed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipmed", description="Adapt CLIP-style image-text models to medical "
+                                     "imaging and measure, with confidence intervals, how much each adaptation helps.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prepare", help="validate a dataset and write its split manifest (split.json)")

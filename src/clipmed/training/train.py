@@ -195,6 +195,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise ClipmedError(f"only {len(rows.records)} training rows for objective {config.objective!r} "
                            f"(batch size {config.batch_size}): lower --batch-size or prepare more data")
     model = load_model(config.model).to(device)
+    if world.distributed and not config.freeze_batchnorm:
+        # Per-process batch statistics would make ranks diverge: synchronise them (GPU only in torch).
+        if device.type != "cuda":
+            raise ClipmedError("--update-batchnorm with several CPU processes needs SyncBatchNorm, which torch runs on "
+                               "GPUs only: keep BatchNorm statistics frozen (the default) or train on GPUs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     rows, val, unreadable = _drop_unreadable(rows, prepared.records("val"), model, progress)
     optimizer, groups = build_optimizer(model, config)  # also freezes locked towers (requires_grad False)
     runner = _step_runner(model, config, world, rows, prepared)
