@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from .data.records import FieldMap
 from .data.split import PreparedData, load_prepared, prepare
 from .evaluation.evaluate import EvalConfig, Embeddings, full_evaluation, zero_shot_evaluation
@@ -93,6 +95,9 @@ def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
 
     def evaluate(name: str, spec: str) -> None:
         _log(f"evaluate: {name}")
+        # A spec with fresh parts (the dual default's projections) is initialised from the global RNG: seed it, so
+        # the base row is the same model in every run, as the fine-tuned runs are (train() seeds the same way).
+        torch.manual_seed(config.seed)
         model = load_model(spec)
         result, embeddings = full_evaluation(model, prepared.records("test"), prepared.records("train"),
                                              prepared.classes, templates, config.evaluation, progress=progress)
