@@ -39,13 +39,6 @@ def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:
     switch()
 
 
-def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """transformers' activation checkpointing switch (named gradient_checkpointing_* before transformers 5)."""
-    verb = "enable" if enabled else "disable"
-    switch = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(model, f"gradient_checkpointing_{verb}")
-    switch()
-
-
 def count_truncated(tokenizer, texts: Sequence[str], context_length: int) -> int:
     """How many texts are longer than the context and get cut."""
     return sum(len(ids) > context_length for ids in tokenizer(list(texts), truncation=False)["input_ids"])
