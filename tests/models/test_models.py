@@ -77,6 +77,19 @@ def test_hf_clip_round_trip_opens_with_plain_transformers(tiny_hf, tmp_path):
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
+def test_hf_clip_uses_plain_attention_on_cpu_with_the_same_embeddings(tiny_hf, tmp_path):
+    model = load_model(f"hf:{tiny_hf}")
+    assert model.model.config._attn_implementation == "sdpa"  # transformers' default, kept in saved folders
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    before = _embed(model, pixels)
+    model.select_attention(torch.device("cpu"))
+    assert model.model.text_model.config._attn_implementation == "eager"
+    after = _embed(model, pixels)
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
+    model.save(tmp_path / "saved")
+    assert "eager" not in (tmp_path / "saved" / "config.json").read_text()
+
+
 def test_run_folder_resolves_to_its_model(tmp_path):
     tiny_dual().save(tmp_path / "run" / "model")
     assert model_dir(tmp_path / "run") == tmp_path / "run" / "model"

@@ -36,6 +36,7 @@ def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int
                  progress: bool = False) -> torch.Tensor:
     """L2-normalised float32 image embeddings [N, D] in record order."""
     device = _device(model)
+    model.select_attention(device)
     size, interp = model.preprocess.size, model.preprocess.interpolation
     chunks = []
     starts = range(0, len(records), batch_size)
@@ -52,6 +53,7 @@ def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128
                 progress: bool = False) -> torch.Tensor:
     """L2-normalised float32 text embeddings [N, D] in input order."""
     device = _device(model)
+    model.select_attention(device)
     chunks = []
     # Sorted by length so that each batch pads only to its own longest text; results return in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

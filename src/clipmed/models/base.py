@@ -125,6 +125,10 @@ class ClipModel(nn.Module):
         """Recompute tower activations in backward instead of storing them: less memory, ~30% more compute."""
         raise NotImplementedError
 
+    def select_attention(self, device: torch.device) -> None:
+        """Use the attention kernel that runs fastest on `device`; the results are the same either way.
+        Families without a choice keep what they have."""
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

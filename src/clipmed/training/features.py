@@ -63,6 +63,7 @@ class LockedFeatures:
         was_training = tower.training
         tower.eval()
         device = next(model.parameters()).device
+        model.select_attention(device)
         chunks = []
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]

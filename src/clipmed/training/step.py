@@ -59,6 +59,7 @@ class StepRunner:
         self.model, self.loss_fn, self.config, self.world = model, loss_fn, config, world
         self.locked_images, self.locked_texts = locked_images, locked_texts
         self.device = torch.device(config.device)
+        model.select_attention(self.device)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     # ---- encoders -----------------------------------------------------------------------------------------
