@@ -68,6 +68,9 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
                        help="micro-batches per step; the loss still sees every negative of --batch-size (GradCache)")
     group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     group.add_argument("--compile", action="store_true", help="torch.compile the trainable towers")
+    group.add_argument("--local-loss", action="store_true",
+                       help="under torchrun, caption objective: each process computes the loss terms of its own rows "
+                            "against the global batch (open_clip's local loss; same loss, less logit memory)")
     group.add_argument("--no-feature-cache", action="store_true",
                        help="recompute a locked tower's features every step instead of caching them on disk")
     group.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -87,7 +90,7 @@ def _train_config(args: argparse.Namespace, **overrides):
                   label_template=args.label_template, label_targets=args.label_targets,
                   semantic_temperature=args.semantic_temperature, entities_from=args.entities_from,
                   vocabulary=args.vocabulary, precision=args.precision, accum_steps=args.accum_steps,
-                  grad_checkpointing=args.grad_checkpointing, compile=args.compile,
+                  grad_checkpointing=args.grad_checkpointing, compile=args.compile, local_loss=args.local_loss,
                   feature_cache=not args.no_feature_cache,
                   checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device,
                   report_to=tuple(args.report_to))

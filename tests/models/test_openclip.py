@@ -45,6 +45,7 @@ def tiny_weights(tiny_arch, tmp_path_factory):
 
 
 def _embed(model, pixels_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model.select_attention(torch.device("cpu"))  # the kernel clipmed's training and evaluation run with
     model.eval()
     with torch.no_grad():
         return model(model.normalize_pixels(pixels_uint8), model.tokenize(TEXTS))
@@ -181,3 +182,21 @@ def test_errors_are_clear(tiny_arch, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the extra were not installed
     with pytest.raises(ClipmedError, match=r"pip install 'clipmed\[openclip\]'"):
         load_model(f"openclip:{tiny_arch}")
+
+
+def test_cpu_attention_choice_gives_the_same_embeddings_and_gradients(tiny_arch, tiny_weights):
+    """select_attention (math SDPA on the CPU) changes the kernel, not the numbers; with gradient checkpointing
+    the encoders keep torch's own choice, so backward's recomputation matches the forward."""
+    def embeddings_and_grads(select: bool, checkpointing: bool = False):
+        model = load_model(f"openclip:{tiny_arch}:{tiny_weights}")
+        model.set_grad_checkpointing(checkpointing)
+        if select:
+            model.select_attention(torch.device("cpu"))
+        image, text = model(model.normalize_pixels(PIXELS), model.tokenize(TEXTS))
+        (image @ text.t()).sum().backward()
+        return image, text, model.model.visual.conv1.weight.grad
+
+    reference = embeddings_and_grads(select=False)
+    for selected in (embeddings_and_grads(select=True), embeddings_and_grads(select=True, checkpointing=True)):
+        for a, b in zip(reference, selected):
+            assert torch.allclose(a, b, atol=1e-5)

@@ -25,6 +25,16 @@ def test_contrastive_loss_matches_hand_computation():
     assert ContrastiveLoss()(image, text, scale).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
 
 
+def test_local_contrastive_losses_average_to_the_global_loss():
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(6, 4), dim=-1), F.normalize(torch.randn(6, 4), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = ContrastiveLoss()
+    parts = [loss(image, text, scale, rows=slice(0, 3)), loss(image, text, scale, rows=slice(3, 6))]
+    assert torch.allclose((parts[0] + parts[1]) / 2, loss(image, text, scale), atol=1e-6)
+    assert not torch.allclose(parts[0], parts[1])  # each rank holds a different share
+
+
 def test_label_loss_multi_positive_matches_hand_computation_and_beats_naive():
     image = F.normalize(torch.tensor([[1.0, 0.2], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
     prompts = F.normalize(torch.tensor([[1.0, 0.0], [0.1, 1.0]]), dim=-1)  # images 0, 1 share prompt 0

@@ -20,9 +20,11 @@ from clipmed.training.train import build_loss, train, training_rows
 from helpers import REPO, tiny_dual
 
 
-def _gradients(objective: str, prepared_dir, *, accum_steps: int = 1, world: World = World(), seed: int = 0):
+def _gradients(objective: str, prepared_dir, *, accum_steps: int = 1, world: World = World(), seed: int = 0,
+               local_loss: bool = False):
     """Loss and gradients of one batch of 12 rows, the model in eval mode (no batch statistics, no dropout)."""
-    config = TrainConfig(objective=objective, precision="fp32", accum_steps=accum_steps, batch_size=12)
+    config = TrainConfig(objective=objective, precision="fp32", accum_steps=accum_steps, batch_size=12,
+                         local_loss=local_loss)
     rows = training_rows(load_prepared(prepared_dir), config)
     model = tiny_dual(seed=seed)
     model.eval()
@@ -50,20 +52,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, size: int, port: int, objective: str, prepared_dir: str, out: str) -> None:
+def _worker(rank: int, size: int, port: int, objective: str, prepared_dir: str, out: str,
+            local_loss: bool = False) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     torch.set_num_threads(1)
-    loss, grads = _gradients(objective, prepared_dir, world=World(rank, size))
+    loss, grads = _gradients(objective, prepared_dir, world=World(rank, size), local_loss=local_loss)
     torch.save({"loss": loss, "grads": grads}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("objective", ["caption", "label"])
-def test_two_gloo_processes_give_the_single_process_loss_and_gradients(objective, prepared_synthetic, tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), objective, str(prepared_synthetic), str(tmp_path)),
-                                nprocs=2, join=True)
+@pytest.mark.parametrize("objective, local_loss", [("caption", False), ("label", False), ("caption", True)])
+def test_two_gloo_processes_give_the_single_process_loss_and_gradients(objective, local_loss, prepared_synthetic,
+                                                                      tmp_path):
+    """Also with the local loss: each process computes only its own rows' terms, yet the averaged gradients
+    and the reported loss are the full batch's."""
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), objective, str(prepared_synthetic), str(tmp_path),
+                                               local_loss), nprocs=2, join=True)
     reference = _gradients(objective, prepared_synthetic)
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -101,3 +107,12 @@ def test_locked_tower_cache_trains_exactly_like_recomputing(prepared_synthetic, 
     again = train(TrainConfig(out=str(tmp_path / "again"), **base), progress=False)  # served from the disk cache
     c = load_file(str(again / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_local_loss_is_refused_for_objectives_other_than_caption(prepared_synthetic, tiny_dual_folder, tmp_path):
+    from clipmed.errors import ClipmedError
+
+    config = TrainConfig(data=str(prepared_synthetic), model=str(tiny_dual_folder), objective="label",
+                         out=str(tmp_path / "run"), local_loss=True)
+    with pytest.raises(ClipmedError, match="--local-loss applies to the caption objective"):
+        train(config, progress=False)

@@ -28,12 +28,22 @@ def symmetric_loss(logits: torch.Tensor, targets_i2t: torch.Tensor, targets_t2i:
 
 
 class ContrastiveLoss(nn.Module):
-    """CLIP's pretraining loss: finetune like you pretrain."""
+    """CLIP's pretraining loss: finetune like you pretrain.
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        logits = scale * image @ text.t()
-        labels = torch.arange(len(image), device=image.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    `rows` (data-parallel local loss, as open_clip's `local_loss`): only the terms of pairs rows.start..stop -
+    those images against every text, those texts against every image - averaged over those rows. Logits are
+    [rows x N] twice instead of [N x N]; the row-weighted mean of the ranks' local losses is the global loss.
+    """
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                rows: slice | None = None) -> torch.Tensor:
+        if rows is None:
+            logits = scale * image @ text.t()
+            labels = torch.arange(len(image), device=image.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        labels = torch.arange(rows.start, rows.stop, device=image.device)
+        return (F.cross_entropy(scale * image[rows] @ text.t(), labels)
+                + F.cross_entropy(scale * text[rows] @ image.t(), labels)) / 2
 
 
 class LabelLoss(nn.Module):

@@ -37,6 +37,7 @@ class TrainConfig:
     accum_steps: int = 1                # micro-batches per step; the loss still sees the whole batch (GradCache)
     grad_checkpointing: bool = False    # recompute tower activations in backward: less memory, more compute
     compile: bool = False               # torch.compile the trainable towers
+    local_loss: bool = False            # several processes: each computes only its rows' terms (open_clip's)
     text_bucket: int = 8                # texts encoded in length-sorted groups of this size (less padding)
     feature_cache: bool = True          # a locked tower's features are computed once and cached on disk (LiT)
     seed: int = 0

@@ -4,6 +4,10 @@ Every rank builds the same global batch, encodes its contiguous shard, and all-g
 gradients so the loss sees the global batch (CLIP's negatives). Every rank then holds the same loss; the
 gather's backward sums the W identical gradient contributions, so averaging parameter gradients over ranks
 gives exactly the single-process full-batch gradient.
+
+With the local loss (`--local-loss`, caption objective) each rank computes only its own rows' terms; the
+gather's backward then sums different contributions, whose average over ranks is again the full-batch
+gradient, and the logit matrices shrink from [N x N] to [N/W x N].
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ class World:
         """Contiguous split of n rows over ranks, the first n % size ranks one row larger (torch.tensor_split)."""
         return [n // self.size + (rank < n % self.size) for rank in range(self.size)]
 
-    def shard(self, items: Sequence[T]) -> list[T]:
-        sizes = self.shard_sizes(len(items))
+    def shard_rows(self, n: int) -> slice:
+        """This rank's rows of n."""
+        sizes = self.shard_sizes(n)
         start = sum(sizes[: self.rank])
-        return list(items[start:start + sizes[self.rank]])
+        return slice(start, start + sizes[self.rank])
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        return list(items[self.shard_rows(len(items))])
 
     def gather(self, local: torch.Tensor, n_total: int) -> torch.Tensor:
         """The global [n_total, D] tensor from every rank's shard, differentiable with respect to the local one."""
@@ -51,6 +59,14 @@ class World:
         padded = torch.cat([local, padded[len(local):]]) if len(local) < max(sizes) else local
         parts = all_gather(padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The average of a detached tensor over ranks."""
+        if not self.distributed:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total / self.size
 
     def average_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> None:
         """All-reduce the gradients in one flat buffer (one collective per step) and divide by the world size."""

@@ -94,8 +94,16 @@ class StepRunner:
             texts = world.shard(batch.texts) if batch.texts_sharded else batch.texts
             text = self.encode_texts(texts)
             text = world.gather(text, len(batch.texts)) if batch.texts_sharded else text
-            loss = self._loss(image, text, batch)
-            loss.backward()
+            if self.config.local_loss and world.distributed:
+                n = len(batch.images)
+                rows = world.shard_rows(n)
+                # Weighted so that averaging over ranks (the gradient all-reduce) gives the global mean.
+                loss = self.loss_fn(image, text, self.model.scale(), rows=rows) * (len(range(n)[rows]) * world.size / n)
+                loss.backward()
+                loss = world.mean(loss)
+            else:
+                loss = self._loss(image, text, batch)
+                loss.backward()
         self.world.average_gradients(self.parameters)
         return loss.item()
 

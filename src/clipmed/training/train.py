@@ -183,6 +183,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     world.barrier()  # every rank checked before rank 0 writes run.json
     if world.distributed and config.accum_steps > 1:
         raise ClipmedError("--accum-steps with several processes is not supported: use one or the other")
+    if config.local_loss and config.objective != "caption":
+        raise ClipmedError(f"--local-loss applies to the caption objective (CLIP's loss), not {config.objective!r}: "
+                           "drop --local-loss")
     if world.distributed and config.batch_size % world.size:
         raise ClipmedError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes")
     torch.manual_seed(config.seed)
