@@ -136,6 +136,19 @@ def forward_flops_per_pair(encode_image, encode_text, image_size: int, text_toke
     return float(counter.get_total_flops())
 
 
+def profile_step(step, top: int = 12) -> list[dict]:
+    """Where one step spends its CPU time: the ops with the most self time (torch.profiler)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    averages = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in averages)
+    averages.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "ms": e.self_cpu_time_total / 1e3,
+             "calls": e.count} for e in averages[:top]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/train_throughput.json")
@@ -143,6 +156,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--scenarios", default="77,captions,labels,dual")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one clipmed step of the 77-token scenario (torch.profiler)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -191,6 +206,10 @@ def main() -> None:
             executed = (3 * forward_flops_per_pair(model.encode_image, model.encode_text, 224, text_tokens)
                         if scenario == "77" else None)
         seconds = alternate(contenders, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
+        if args.profile and scenario == "77":
+            results["profile_77_clipmed"] = profile_step(contenders["clipmed"])
+            for row in results["profile_77_clipmed"]:
+                print(f"{100 * row['share']:5.1f}%  {row['ms']:8.1f} ms  {row['calls']:5d}  {row['op']}")
         entry = {name: {"pairs_per_s": BATCH / s, "seconds_per_step": s, "flops": nominal}
                  for name, s in seconds.items()}
         entry[f"train_flops_per_pair_at_{text_tokens}_tokens"] = nominal
