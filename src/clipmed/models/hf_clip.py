@@ -78,11 +78,15 @@ class HFCLIP(ClipModel):
 
     def select_attention(self, device: torch.device) -> None:
         # On the CPU, torch's fused (flash) attention kernel has a slow backward: at CLIP's 50 and 77 tokens it
-        # took a fifth of a ViT-B/32 training step. Plain matmul + softmax ("eager") made the step 1.35x faster
+        # took a fifth of a ViT-B/32 training step. Plain matmul + softmax ("eager") made the step 1.23x faster
         # and inference no slower (bench/train_throughput.py). Elsewhere keep what the model was loaded with.
         wanted = "eager" if torch.device(device).type == "cpu" else self._loaded_attention
-        if self.model.config._attn_implementation != wanted and hasattr(self.model, "set_attn_implementation"):
+        if self.model.config._attn_implementation == wanted or not hasattr(self.model, "set_attn_implementation"):
+            return
+        try:
             self.model.set_attn_implementation(wanted)
+        except (ValueError, NotImplementedError):
+            pass  # a model (remote code) that offers no such choice keeps its own: same results, its own speed
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return tokenize_padded(self.processor.tokenizer, texts, self.context_length)
