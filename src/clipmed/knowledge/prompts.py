@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from clipmed.errors import ClipmedError
+from clipmed.errors import ClipmedError, first_line
 
 
 def load_templates(label_field: str, path: str | Path | None = None) -> list[str]:
@@ -29,7 +29,7 @@ def load_templates(label_field: str, path: str | Path | None = None) -> list[str
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ClipmedError(f"prompt template file {source} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ClipmedError(f"prompt template file {source} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ClipmedError(f"prompt template file {source} must map label fields to lists of templates")
     key = label_field if label_field in data else "default"

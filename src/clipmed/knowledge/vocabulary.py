@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from clipmed.errors import ClipmedError
+from clipmed.errors import ClipmedError, first_line
 
 GROUPS = ("region", "modality", "finding")
 _CONCEPT_KEYS = {"group", "synonyms", "abbreviations", "implies", "labels"}
@@ -157,7 +157,7 @@ class Vocabulary:
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ClipmedError(f"vocabulary file {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            raise ClipmedError(f"vocabulary file {p} is not valid YAML: {first_line(exc)}") from exc
         return cls.from_dict(data, source=str(p))
 
     @classmethod

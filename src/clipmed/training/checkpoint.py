@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ClipmedError
+from ..errors import ClipmedError, first_line
 from ..io import atomic_write
 
 CHECKPOINT_NAME = "last.pt"
@@ -78,18 +78,14 @@ def load_checkpoint(directory: Path) -> dict | None:
         if "weights only load failed" in str(exc).lower():
             raise ClipmedError(f"refusing to load {path}: it holds objects that would run code when loaded, not only "
                                "tensors and plain data; delete it to restart the run from scratch") from None
-        raise ClipmedError(f"cannot read {path}: the file is corrupt ({_first_line(exc)}); delete it to restart the "
+        raise ClipmedError(f"cannot read {path}: the file is corrupt ({first_line(exc)}); delete it to restart the "
                            "run from scratch") from None
     except Exception as exc:  # truncated zip, bad magic number, I/O errors ...
         raise ClipmedError(f"cannot read {path}: the file is corrupt or not a checkpoint ({type(exc).__name__}: "
-                           f"{_first_line(exc)}); delete it to restart the run from scratch") from None
+                           f"{first_line(exc)}); delete it to restart the run from scratch") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ClipmedError(f"{path} is not a clipmed training checkpoint (missing {', '.join(missing)}); delete it to "
                            "restart the run from scratch")
     return state
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -95,10 +95,11 @@ class StepRunner:
             text = self.encode_texts(texts)
             text = world.gather(text, len(batch.texts)) if batch.texts_sharded else text
             if self.config.local_loss and world.distributed:
-                n = len(batch.images)
-                rows = world.shard_rows(n)
-                # Weighted so that averaging over ranks (the gradient all-reduce) gives the global mean.
-                loss = self.loss_fn(image, text, self.model.scale(), rows=rows) * (len(range(n)[rows]) * world.size / n)
+                rows = world.shard_rows(len(batch.images))
+                # Weighted by the shard's share so that averaging over ranks (the gradient all-reduce) gives the
+                # global mean; 1 when shards are equal, as training's batch sizes make them.
+                share = (rows.stop - rows.start) * world.size / len(batch.images)
+                loss = self.loss_fn(image, text, self.model.scale(), rows=rows) * share
                 loss.backward()
                 loss = world.mean(loss)
             else:
