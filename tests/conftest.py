@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers import tiny_dual, tiny_hf_folder, write_synthetic_imagefolder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Every test session gets its own clipmed cache folder (image store, embeddings, features): tests never
+    read or fill the user's ~/.cache/clipmed. Subprocesses inherit it through the environment."""
+    folder = tmp_path_factory.mktemp("clipmed-cache")
+    previous = os.environ.get("CLIPMED_CACHE")
+    os.environ["CLIPMED_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("CLIPMED_CACHE", None)
+    else:
+        os.environ["CLIPMED_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
