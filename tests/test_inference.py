@@ -124,7 +124,7 @@ def test_search_equals_brute_force_and_finds_an_indexed_image_first(tiny_dual_fo
     assert meta["model"] == str(tiny_dual_folder.resolve()) and meta["model_fingerprint"] == model_fingerprint(model)
     assert [item["id"] for item in meta["items"]] == [r.id for r in records]
     assert meta["items"][0]["attribution"]["license"] == "CC BY"
-    stored = np.load(index / "embeddings.npy")
+    stored = np.load(index / meta["embeddings"]["file"])
     assert stored.dtype == np.float32 and stored.shape == (len(records), 16)
 
     query = "Radiograph of the chest showing a fracture."
@@ -153,3 +153,43 @@ def test_search_refuses_an_index_built_with_another_model(tiny_dual_folder, tiny
     assert main(["search", "--model", str(moved), "--index", str(index), "chest"]) == 0
     assert main(["search", "--model", str(moved), "--index", str(tmp_path), "chest"]) == 2
     assert "not an index folder" in capsys.readouterr().err
+
+
+def test_a_rebuild_killed_before_its_commit_leaves_the_old_index_working(tiny_dual_folder, synthetic_dataset,
+                                                                         tmp_path, monkeypatch, capsys):
+    from clipmed import inference
+    from helpers import tiny_dual
+
+    index = tmp_path / "index"
+    assert main(["index", "--model", str(tiny_dual_folder), "--data", str(synthetic_dataset), "--out", str(index),
+                 "--precision", "fp32"]) == 0
+    other = tmp_path / "other"
+    tiny_dual(seed=1).save(other)
+
+    def killed(*args, **kwargs):  # the process dies after the new embeddings are on disk, before index.json
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "write_json_atomic", killed)
+    assert main(["index", "--model", str(other), "--data", str(synthetic_dataset), "--out", str(index),
+                 "--precision", "fp32"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    target = str(synthetic_dataset / "images" / "img_0007.png")
+    assert main(["search", "--model", str(tiny_dual_folder), "--index", str(index), "--image", target]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["1", "1.000", "row0007"]
+    # The next rebuild commits and removes the embeddings the killed one left behind.
+    assert main(["index", "--model", str(other), "--data", str(synthetic_dataset), "--out", str(index)]) == 0
+    assert [p.name for p in index.glob("*.npy")] == [json.loads((index / "index.json").read_text())["embeddings"]["file"]]
+
+
+def test_search_refuses_embeddings_that_do_not_belong_to_the_index(tiny_dual_folder, synthetic_dataset, tmp_path,
+                                                                   capsys):
+    index = tmp_path / "index"
+    assert main(["index", "--model", str(tiny_dual_folder), "--data", str(synthetic_dataset), "--out", str(index)]) == 0
+    stored = index / json.loads((index / "index.json").read_text())["embeddings"]["file"]
+    embeddings = np.load(stored)
+    np.save(stored, embeddings[::-1].copy())  # same shape, other rows: neighbours would be wrong
+    capsys.readouterr()
+    assert main(["search", "--model", str(tiny_dual_folder), "--index", str(index), "chest"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match index.json" in err and "clipmed index" in err and len(err.strip().splitlines()) == 1

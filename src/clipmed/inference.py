@@ -4,9 +4,12 @@ Embedding is evaluation/embed.py's and class prompts are evaluation/zeroshot.py'
 arithmetic on their embeddings (probabilities, top-k search), the files (Parquet, an index folder) and a fingerprint
 that ties an index to the exact weights that built it.
 
-An index folder holds `embeddings.npy` (float32 [N, D], L2-normalised image embeddings, row i = item i) and
-`index.json` (the model reference and fingerprint, precision, source dataset, the items' id, path, caption and
-attribution fields, and the rows skipped for an unreadable image).
+An index folder holds `index.json` (the model reference and fingerprint, precision, source dataset, the items' id,
+path, caption and attribution fields, the rows skipped for an unreadable image, and the name and SHA-256 of its
+embeddings file) and that file, `embeddings-<sha256 prefix>.npy` (float32 [N, D], L2-normalised image embeddings,
+row i = item i). A rebuild writes a new embeddings file beside the old one, then replaces index.json (one atomic
+rename: the commit), then deletes the old file; a rebuild killed at any moment leaves the old index or the new one,
+and `load_index` refuses embeddings whose checksum is not the one index.json names.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from .data.datasets import IMAGE_CACHE
 from .data.images import ImageError
 from .data.records import Record
 from .data.sources import LoadedSource
-from .errors import ClipmedError
+from .errors import ClipmedError, first_line
 from .evaluation.embed import embed_images, embed_texts
 from .evaluation.zeroshot import DEFAULT_TEMPLATE, class_embeddings, zero_shot_scores
-from .io import atomic_write, read_json, write_json_atomic
+from .io import atomic_write, read_json, sha256_file, write_json_atomic
+from .locking import FileLock
 from .models import ClipModel
 
 Kinds = Literal["images", "texts", "both"]
 INDEX_JSON = "index.json"
-INDEX_EMBEDDINGS = "embeddings.npy"
+INDEX_FORMAT = 2  # 1: a fixed embeddings.npy without checksum (a killed rebuild could mix two indexes)
 
 
 # ---- models --------------------------------------------------------------------------------------------
@@ -187,38 +191,58 @@ class Hit:
 
 def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str | Path, *,
                 precision: str = "bf16", progress: bool = False) -> dict:
-    """Embed the images of `source` into the index folder `out`; returns index.json's content."""
-    usable, skipped = readable_images(model, source.records)
-    if not usable:
-        raise ClipmedError(f"{source.path}: no readable image among {len(source.records)} rows, nothing to index")
-    embeddings = embed_images(model, usable, precision=precision, progress=progress).numpy()
-    meta = {"model": model_ref, "model_fingerprint": model_fingerprint(model), "family": model.family,
-            "precision": precision, "dim": int(embeddings.shape[1]),
-            "source": {"path": source.path, "format": source.format, "fingerprint": source.fingerprint},
-            "items": [{"id": r.id, "path": r.image_path, "caption": r.caption, "attribution": r.extra} for r in usable],
-            "skipped": [{"id": i, "reason": reason} for i, reason in skipped]}
-
-    def write_embeddings(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, embeddings)
-
+    """Embed the images of `source` into the index folder `out` (locked while it is written; an index already
+    there is replaced in one step, see the module docstring); returns index.json's content."""
     out = Path(out)
+    with FileLock(out, what="index"):
+        usable, skipped = readable_images(model, source.records)
+        if not usable:
+            raise ClipmedError(f"{source.path}: no readable image among {len(source.records)} rows, nothing to index")
+        embeddings = embed_images(model, usable, precision=precision, progress=progress).numpy()
 
-    atomic_write(out / INDEX_EMBEDDINGS, write_embeddings)
-    write_json_atomic(out / INDEX_JSON, meta)  # last: a folder with index.json holds a complete index
+        def write_embeddings(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, embeddings)
+
+        staged = out / ".embeddings.staged.npy"
+        atomic_write(staged, write_embeddings)
+        checksum = sha256_file(staged)
+        name = f"embeddings-{checksum[:16]}.npy"
+        os.replace(staged, out / name)
+        meta = {"format": INDEX_FORMAT, "model": model_ref, "model_fingerprint": model_fingerprint(model),
+                "family": model.family, "precision": precision, "dim": int(embeddings.shape[1]),
+                "embeddings": {"file": name, "sha256": checksum},
+                "source": {"path": source.path, "format": source.format, "fingerprint": source.fingerprint},
+                "items": [{"id": r.id, "path": r.image_path, "caption": r.caption, "attribution": r.extra}
+                          for r in usable],
+                "skipped": [{"id": i, "reason": reason} for i, reason in skipped]}
+        write_json_atomic(out / INDEX_JSON, meta)  # the commit: from here on the folder is the new index
+        for old in out.glob("embeddings*.npy"):
+            if old.name != name:
+                old.unlink()
     return meta
 
 
 def load_index(directory: str | Path) -> Index:
+    """Open an index folder, checking that its embeddings are the ones its index.json describes."""
     directory = Path(directory)
-    if not (directory / INDEX_JSON).is_file() or not (directory / INDEX_EMBEDDINGS).is_file():
-        raise ClipmedError(f"{directory} is not an index folder (no {INDEX_JSON} and {INDEX_EMBEDDINGS}): "
-                           "build one with `clipmed index`")
-    meta = read_json(directory / INDEX_JSON)
-    embeddings = np.load(directory / INDEX_EMBEDDINGS, allow_pickle=False)
-    if embeddings.shape[0] != len(meta["items"]):
-        raise ClipmedError(f"{directory}: {embeddings.shape[0]} embeddings for {len(meta['items'])} items; "
-                           "the index is incomplete, build it again with `clipmed index`")
+    rebuild = f"build it again with `clipmed index --out {directory}`"
+    if not (directory / INDEX_JSON).is_file():
+        raise ClipmedError(f"{directory} is not an index folder (no {INDEX_JSON}): build one with `clipmed index`")
+    try:
+        meta = read_json(directory / INDEX_JSON)
+    except ValueError as exc:
+        raise ClipmedError(f"{directory / INDEX_JSON} is not valid JSON ({first_line(exc)}): {rebuild}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        raise ClipmedError(f"{directory} was written by another version of clipmed, and its embeddings cannot be "
+                           f"verified: {rebuild}")
+    path = directory / Path(meta["embeddings"]["file"]).name
+    if not path.is_file() or sha256_file(path) != meta["embeddings"]["sha256"]:
+        raise ClipmedError(f"{directory}: the embeddings file {path.name} is missing or does not match index.json "
+                           f"(an interrupted rebuild, or an edited file): {rebuild}")
+    embeddings = np.load(path, allow_pickle=False)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(meta["items"]):
+        raise ClipmedError(f"{directory}: {embeddings.shape[0]} embeddings for {len(meta['items'])} items: {rebuild}")
     return Index(directory, embeddings, meta)
 
 

@@ -68,12 +68,23 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of one file's bytes (hex)."""
+    digest = hashlib.sha256()
+    _hash_into(digest, path, chunk)
+    return digest.hexdigest()
+
+
 def fingerprint_files(paths: list[str | os.PathLike], chunk: int = 1 << 20) -> str:
     """SHA-256 over the bytes of the given files, in order; names the exact data a split came from."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(str(Path(path).name).encode())
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
+        _hash_into(digest, path, chunk)
     return digest.hexdigest()
+
+
+def _hash_into(digest: Any, path: str | os.PathLike, chunk: int) -> None:
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
