@@ -20,6 +20,7 @@ from .data.split import PreparedData, load_prepared, prepare
 from .evaluation.evaluate import EvalConfig, Embeddings, full_evaluation, zero_shot_evaluation
 from .io import read_json, write_json_atomic
 from .knowledge import load_templates
+from .locking import FileLock
 from .models import DEFAULT_SPEC, load_model
 from .report.figures import data_efficiency_figure, embedding_figure, per_class_figure
 from .report.gallery import build_gallery
@@ -78,6 +79,12 @@ def train_or_resume(train_config: TrainConfig, *, progress: bool = True) -> Path
 
 
 def reproduce(config: ReproduceConfig, *, progress: bool = True) -> dict:
+    """The whole experiment into `config.out`, which is locked meanwhile (a second process is refused)."""
+    with FileLock(config.out, what="reproduce"):
+        return _reproduce(config, progress=progress)
+
+
+def _reproduce(config: ReproduceConfig, *, progress: bool) -> dict:
     started = time.time()
     out = Path(config.out)
     prepared_dir = out / "prepared"
