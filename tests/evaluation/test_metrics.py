@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from clipmed.errors import ClipmedError
-from clipmed.evaluation.metrics import classification_metrics, macro_f1, retrieval_metrics
+from clipmed.evaluation.metrics import _bootstrap_means, _top_indices, classification_metrics, macro_f1, retrieval_metrics
 
 CLASSES = ["a", "b", "c", "d"]
 # 5 rows x 4 classes; class "d" never occurs in the labels but is predicted once (row 1).
@@ -88,7 +88,7 @@ def test_perfect_scores_give_unit_intervals():
     m = classification_metrics(np.eye(4)[labels], labels, list("abcd"))
     assert m["top1"] == m["macro_f1"] == m["balanced_accuracy"] == 1.0
     assert m["ci95"] == {"top1": [1.0, 1.0], "top3": [1.0, 1.0], "macro_f1": [1.0, 1.0]}
-    r = retrieval_metrics(np.eye(5) + 0.1, n_boot=100)
+    r = retrieval_metrics(np.eye(5) + 0.1, np.eye(5), n_boot=100)
     assert r["mean_recall_at_1"] == 1.0
     assert r["image_to_text"]["ci95"]["recall@1"] == [1.0, 1.0]
 
@@ -103,10 +103,14 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="outside"):
         classification_metrics(np.zeros((2, 2)), np.array([0, 2]), ["x", "y"])
     with pytest.raises(ValueError, match="pairs"):
-        retrieval_metrics(np.zeros((2, 3)))
+        retrieval_metrics(np.zeros((2, 3)), np.eye(3))
+    with pytest.raises(ValueError, match="dimensions"):
+        retrieval_metrics(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ClipmedError, match="non-finite"):
+        retrieval_metrics(np.array([[np.inf, 0.0]]), np.eye(2), pairs=np.array([0]))
 
 
-# Retrieval, identity pairs: i2t ranks of the paired text 0, 1, 1; t2i ranks of the paired image 0, 0, 1.
+# Retrieval from a similarity matrix S as embeddings (S, I), identity pairs: i2t ranks of the paired text 0, 1, 1; t2i ranks of the paired image 0, 0, 1.
 SIM3 = np.array([
     [0.9, 0.1, 0.5],
     [0.8, 0.7, 0.2],
@@ -116,7 +120,7 @@ SIM3 = np.array([
 
 def test_retrieval_recall_and_precision_by_hand():
     labels = np.array([0, 0, 1])
-    r = retrieval_metrics(SIM3, image_labels=labels, text_labels=labels, ks=(1, 2, 5), n_boot=50)
+    r = retrieval_metrics(SIM3, np.eye(3), image_labels=labels, text_labels=labels, ks=(1, 2, 5), n_boot=50)
     i2t, t2i = r["image_to_text"], r["text_to_image"]
     assert (r["n_images"], r["n_texts"], r["ks"]) == (3, 3, [1, 2, 5])
     assert i2t["recall_at"] == pytest.approx({"1": 1 / 3, "2": 1.0, "5": 1.0})
@@ -132,10 +136,10 @@ def test_retrieval_recall_and_precision_by_hand():
 
 
 def test_retrieval_without_labels_has_no_precision():
-    r = retrieval_metrics(SIM3, n_boot=20)
+    r = retrieval_metrics(SIM3, np.eye(3), n_boot=20)
     assert "precision_at" not in r["image_to_text"] and "n_labelled_queries" not in r["text_to_image"]
     with pytest.raises(ValueError, match="both"):
-        retrieval_metrics(SIM3, image_labels=np.array([0, 0, 1]))
+        retrieval_metrics(SIM3, np.eye(3), image_labels=np.array([0, 0, 1]))
 
 
 def test_retrieval_with_pairs_unpaired_texts_and_missing_labels():
@@ -146,7 +150,7 @@ def test_retrieval_with_pairs_unpaired_texts_and_missing_labels():
         [0.1, 0.3, 0.8, 0.05],
         [0.2, 0.6, 0.7, 0.05],
     ])
-    r = retrieval_metrics(sim, pairs=np.array([0, 1, 1, 2]), image_labels=np.array([0, 1, 1, -1]),
+    r = retrieval_metrics(sim, np.eye(4), pairs=np.array([0, 1, 1, 2]), image_labels=np.array([0, 1, 1, -1]),
                           text_labels=np.array([0, 1, -1, 1]), ks=(1, 2), n_boot=20)
     i2t, t2i = r["image_to_text"], r["text_to_image"]
     # i2t ranks: 0, 1 (0.5 > 0.4), 1 (0.8 > 0.3), 0.
@@ -164,6 +168,68 @@ def test_retrieval_is_deterministic():
     rng = np.random.default_rng(2)
     sim = rng.normal(size=(40, 40)) + 2 * np.eye(40)
     labels = rng.integers(0, 3, 40)
-    runs = [json.dumps(retrieval_metrics(sim, image_labels=labels, text_labels=labels, seed=4), allow_nan=False)
+    runs = [json.dumps(retrieval_metrics(sim, np.eye(40), image_labels=labels, text_labels=labels, seed=4), allow_nan=False)
             for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def _dense_reference(sim: np.ndarray, pairs: np.ndarray, image_labels: np.ndarray, text_labels: np.ndarray,
+                     ks: list[int]) -> dict:
+    """Retrieval by full stable sorts of the whole similarity matrix: the plain definition, one row at a time."""
+    def direction(matrix, positives, query_labels, candidate_labels):
+        recall, precision = [], []
+        for q, row in enumerate(matrix):
+            order = list(np.argsort(-row, kind="stable"))
+            if positives[q]:
+                rank = min(order.index(c) for c in positives[q])
+                recall.append([rank < k for k in ks])
+            if query_labels[q] >= 0:
+                hits = candidate_labels[order] == query_labels[q]
+                precision.append([hits[:min(k, len(row))].mean() for k in ks])
+        return np.mean(recall, axis=0), np.mean(precision, axis=0)
+
+    n_img, n_txt = sim.shape
+    i2t = direction(sim, [[pairs[i]] for i in range(n_img)], image_labels, text_labels)
+    t2i = direction(sim.T, [list(np.flatnonzero(pairs == t)) for t in range(n_txt)], text_labels, image_labels)
+    return {"image_to_text": i2t, "text_to_image": t2i}
+
+
+def test_blocked_retrieval_equals_the_dense_definition_with_ties_and_shared_texts():
+    rng = np.random.default_rng(11)
+    # Small integer embeddings: exact products, so many exact ties; 30 images, 20 texts, texts shared by images.
+    images = rng.integers(-1, 2, size=(30, 3)).astype(np.float64)
+    texts = rng.integers(-1, 2, size=(20, 3)).astype(np.float64)
+    pairs = rng.integers(0, 18, 30)  # texts 18 and 19 (and any not drawn) are paired with no image
+    image_labels = rng.integers(-1, 3, 30)
+    text_labels = rng.integers(-1, 3, 20)
+    ks = [1, 3, 7, 25]  # 25 exceeds the 20 texts: capped in image->text
+    sim = images @ texts.T
+    assert len(np.unique(sim)) < 10  # ties everywhere
+    reference = _dense_reference(sim, pairs, image_labels, text_labels, ks)
+    kwargs = dict(pairs=pairs, image_labels=image_labels, text_labels=text_labels, ks=ks, n_boot=50, seed=3)
+    whole = retrieval_metrics(images, texts, **kwargs)
+    for block_rows in (1, 4, 7):  # smaller than both N, uneven last blocks
+        assert retrieval_metrics(images, texts, block_rows=block_rows, **kwargs) == whole
+    for name in ("image_to_text", "text_to_image"):
+        recall, precision = reference[name]
+        assert list(whole[name]["recall_at"].values()) == pytest.approx(list(recall))
+        assert list(whole[name]["precision_at"].values()) == pytest.approx(list(precision))
+    assert whole["text_to_image"]["n_queries"] == len(np.unique(pairs))
+    assert whole["mean_recall_at_1"] == pytest.approx((reference["image_to_text"][0][0]
+                                                       + reference["text_to_image"][0][0]) / 2)
+
+
+def test_top_indices_match_a_stable_sort():
+    rng = np.random.default_rng(5)
+    scores = rng.integers(0, 4, size=(50, 40)).astype(np.float32)
+    for depth in (1, 5, 39, 40):
+        assert np.array_equal(_top_indices(scores, depth), np.argsort(-scores, axis=1, kind="stable")[:, :depth])
+
+
+def test_bootstrap_means_from_counts_equal_the_gathered_means():
+    values = np.random.default_rng(6).random((70, 3))
+    idx = np.random.default_rng(9).integers(0, 70, size=(200, 70))  # the draws of seed 9, one block at this size
+    expected = [list(np.percentile(values[idx, j].mean(axis=1), [2.5, 97.5])) for j in range(3)]
+    got = _bootstrap_means(values, 200, 9)
+    for interval, want in zip(got, expected):
+        assert interval == pytest.approx(want)

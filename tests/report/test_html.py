@@ -34,7 +34,7 @@ def sample_report(out_dir: Path, dataset: Path) -> tuple[dict, dict, dict]:
         embeddings[name] = images
     texts = embeddings["label"] + 0.8 * rng.normal(size=embeddings["label"].shape)
     models["label"]["ensemble"] = classification_metrics(scores + 0.05, labels, classes, n_boot=50)
-    models["label"]["retrieval"] = retrieval_metrics(embeddings["label"] @ texts.T, image_labels=labels,
+    models["label"]["retrieval"] = retrieval_metrics(embeddings["label"], texts, image_labels=labels,
                                                      text_labels=labels, n_boot=50)
     models["label"]["probe"] = {
         "full": {"top1": 0.9, "macro_f1": 0.88, "ci95": {"top1": [0.8, 0.95], "macro_f1": [0.78, 0.93]},

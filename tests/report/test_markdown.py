@@ -61,7 +61,7 @@ def test_extra_sections_when_measured(tmp_path):
     }
     labels = np.array([0, 0, 1])
     models["label"]["retrieval"] = retrieval_metrics(
-        np.array([[0.9, 0.1, 0.5], [0.8, 0.7, 0.2], [0.3, 0.6, 0.4]]), image_labels=labels, text_labels=labels,
+        np.array([[0.9, 0.1, 0.5], [0.8, 0.7, 0.2], [0.3, 0.6, 0.4]]), np.eye(3), image_labels=labels, text_labels=labels,
         n_boot=20)
     context = {"dataset": "roco", "dataset_path": "/data/roco", "label_field": "modality",
                "label_source": "the modality column", "model": "dual:default", "elapsed_s": 754.2,

@@ -97,7 +97,7 @@ def full_evaluation(model: ClipModel, test: Sequence[Record], train: Sequence[Re
                                        test_images.numpy(), test_labels, list(classes), shots=config.probe_shots,
                                        draws=config.probe_draws, seed=config.seed, n_boot=config.n_boot)
     # Each test image is paired with its own caption; Precision@K counts retrieved items of the same class.
-    result["retrieval"] = retrieval_metrics((test_images @ test_texts.t()).numpy(), image_labels=test_labels,
+    result["retrieval"] = retrieval_metrics(test_images.numpy(), test_texts.numpy(), image_labels=test_labels,
                                             text_labels=test_labels, ks=config.retrieval_ks, n_boot=config.n_boot,
                                             seed=config.seed)
     if skipped:

@@ -5,6 +5,9 @@ Conventions shared by every function here:
   prediction is therefore `argmax` (the first maximum), and every number is deterministic.
 - Intervals: 95% percentile bootstrap over rows (samples, queries) drawn with `numpy.random.default_rng(seed)`,
   so identical input gives identical output, byte for byte after `json.dumps`.
+- Scale: memory is bounded independently of N x N. Retrieval computes similarities a block of query rows at a
+  time from the embeddings; bootstrap means come from per-resample row counts (bincount) times the per-row
+  values, a block of resamples at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from clipmed.errors import ClipmedError
 
 # Bootstrap indices held in memory at once (resamples x rows); bounds memory for large test sets.
 _BLOCK_ELEMENTS = 1 << 20
+# Similarities held in memory at once (query rows x candidates) in retrieval.
+_SIMILARITY_BLOCK_ELEMENTS = 1 << 22
 
 
 def classification_metrics(
@@ -46,10 +51,12 @@ def classification_metrics(
     correct = np.diagonal(confusion)
     present = support > 0
 
+    hits = np.stack([hit1, hit3], axis=1)
     boot: dict[str, list[np.ndarray]] = {"top1": [], "top3": [], "macro_f1": []}
     for idx in _resamples(n, n_boot, seed):
-        boot["top1"].append(hit1[idx].mean(axis=1))
-        boot["top3"].append(hit3[idx].mean(axis=1))
+        top1, top3 = (_counts(idx, n) @ hits / n).T
+        boot["top1"].append(top1)
+        boot["top3"].append(top3)
         boot["macro_f1"].append(_macro_f1(_confusions(codes[idx], n_classes)))
 
     return {
@@ -76,7 +83,8 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> flo
 
 
 def retrieval_metrics(
-    similarity: np.ndarray,
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
     *,
     image_labels: np.ndarray | None = None,
     text_labels: np.ndarray | None = None,
@@ -84,28 +92,40 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 5, 10),
     n_boot: int = 1000,
     seed: int = 0,
+    block_rows: int | None = None,
 ) -> dict:
-    """Image->text and text->image retrieval from a [N_img, N_txt] similarity matrix.
+    """Image->text and text->image retrieval, similarity = `image_embeddings @ text_embeddings.T`.
 
-    `pairs[i]` is the index of the text paired with image i (default: identity, which needs a square matrix).
-    Recall@K: the paired item is among the top K (a text paired with several images counts its best one;
-    texts paired with no image are not recall queries). Precision@K (MedCLIP's table): share of the top K
-    retrieved items whose label equals the query's; needs both `image_labels` and `text_labels`, integer class
-    indices with -1 for "no label" (unlabelled queries are skipped, unlabelled candidates never match); K is
-    capped at the number of candidates. `mean_recall_at_1` averages R@1 over both directions (checkpoint
-    selection). Returns `{"n_images", "n_texts", "ks", "mean_recall_at_1", "image_to_text": {...},
-    "text_to_image": {...}}`, each direction `{"n_queries", "recall_at": {"1": x, ...}, "ci95": {"recall@1":
-    [lo, hi], ...}}` plus, with labels, `"n_labelled_queries"`, `"precision_at"` and `"precision@K"` intervals.
+    The [N_img, N_txt] similarity is never formed whole: each direction computes `block_rows` query rows at a
+    time (default: as many as fit `_SIMILARITY_BLOCK_ELEMENTS`), so a 100k-row split needs megabytes, not
+    tens of gigabytes. Products are in float32 unless an input is float64. Pass normalised embeddings for cosine similarity; a precomputed similarity matrix S is
+    `(S, numpy.eye(N_txt))`. `pairs[i]` is the index of the text paired with image i (default: identity, which
+    needs as many texts as images). Recall@K: the paired item is among the top K (a text paired with several
+    images counts its best one; texts paired with no image are not recall queries). Precision@K (MedCLIP's
+    table): share of the top K retrieved items whose label equals the query's; needs both `image_labels` and
+    `text_labels`, integer class indices with -1 for "no label" (unlabelled queries are skipped, unlabelled
+    candidates never match); K is capped at the number of candidates. `mean_recall_at_1` averages R@1 over both
+    directions (checkpoint selection). Returns `{"n_images", "n_texts", "ks", "mean_recall_at_1",
+    "image_to_text": {...}, "text_to_image": {...}}`, each direction `{"n_queries", "recall_at": {"1": x, ...},
+    "ci95": {"recall@1": [lo, hi], ...}}` plus, with labels, `"n_labelled_queries"`, `"precision_at"` and
+    `"precision@K"` intervals.
     """
-    sim = _check_finite_matrix(similarity, "similarity")
+    # float32 embeddings stay float32 (half the memory and time of the block products); float64 stays float64.
+    dtype = np.result_type(np.asarray(image_embeddings).dtype, np.asarray(text_embeddings).dtype, np.float32)
+    images = _check_finite_matrix(image_embeddings, "image embeddings", dtype)
+    texts = _check_finite_matrix(text_embeddings, "text embeddings", dtype)
+    if images.shape[1] != texts.shape[1]:
+        raise ValueError(f"image embeddings have {images.shape[1]} dimensions but text embeddings {texts.shape[1]}")
     _check_boot(n_boot)
-    n_img, n_txt = sim.shape
+    if block_rows is not None and int(block_rows) < 1:
+        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
+    n_img, n_txt = len(images), len(texts)
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     if pairs is None:
         if n_img != n_txt:
-            raise ValueError(f"a {n_img}x{n_txt} similarity matrix needs `pairs` (text index per image)")
+            raise ValueError(f"{n_img} images and {n_txt} texts need `pairs` (text index per image)")
         pairs = np.arange(n_img)
     pairs = _check_indices(pairs, n_img, n_txt, "pairs")
     if (image_labels is None) != (text_labels is None):
@@ -114,62 +134,98 @@ def retrieval_metrics(
         image_labels = _check_indices(image_labels, n_img, None, "image_labels")
         text_labels = _check_indices(text_labels, n_txt, None, "text_labels")
 
-    i2t_ranks = _ranks(sim, pairs)
-    # Row i: every image's similarity to the text paired with image i; rank image i among them.
-    image_ranks = _ranks(sim[:, pairs].T, np.arange(n_img))
-    text_ranks = np.full(n_txt, n_img, dtype=np.int64)
-    np.minimum.at(text_ranks, pairs, image_ranks)
-    t2i_ranks = text_ranks[np.isin(np.arange(n_txt), pairs)]
-
-    i2t = _direction(i2t_ranks, sim, image_labels, text_labels, ks, n_boot, seed)
-    t2i = _direction(t2i_ranks, sim.T, text_labels, image_labels, ks, n_boot, seed)
+    # The (query, candidate) pairs of each direction, sorted by query.
+    by_text = np.argsort(pairs, kind="stable")
+    common = dict(ks=ks, n_boot=n_boot, seed=seed, block_rows=block_rows)
+    i2t, i2t_hit1 = _direction(images, texts, (np.arange(n_img), pairs), image_labels, text_labels, **common)
+    t2i, t2i_hit1 = _direction(texts, images, (pairs[by_text], by_text), text_labels, image_labels, **common)
     return {
         "n_images": int(n_img),
         "n_texts": int(n_txt),
         "ks": ks,
-        "mean_recall_at_1": float(((i2t_ranks < 1).mean() + (t2i_ranks < 1).mean()) / 2),
+        "mean_recall_at_1": float((i2t_hit1 + t2i_hit1) / 2),
         "image_to_text": i2t,
         "text_to_image": t2i,
     }
 
 
 def _direction(
-    ranks: np.ndarray,
-    sim: np.ndarray,
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray],
     query_labels: np.ndarray | None,
     candidate_labels: np.ndarray | None,
+    *,
     ks: list[int],
     n_boot: int,
     seed: int,
-) -> dict:
-    """Recall@K (and precision@K with labels) for queries along the rows of `sim`."""
+    block_rows: int | None,
+) -> tuple[dict, float]:
+    """Recall@K (and precision@K with labels) of `queries` against `candidates`, a block of query rows at a time.
+
+    `pairs` = (query indices sorted ascending, their paired candidates): a query's recall rank is that of its
+    best-ranked paired candidate; queries with none are not recall queries. Returns the direction's dict and
+    its unrounded R@1.
+    """
+    pair_queries, pair_candidates = pairs
+    n_query, n_cand = len(queries), len(candidates)
+    rows_per_block = int(block_rows or max(1, _SIMILARITY_BLOCK_ELEMENTS // n_cand))
+    depth = min(max(ks), n_cand)
+    shown = [min(k, n_cand) for k in ks]
+    ranks, precision = [], []
+    for start in range(0, n_query, rows_per_block):
+        rows = np.arange(start, min(start + rows_per_block, n_query))
+        sim = queries[rows] @ candidates.T
+        low, high = np.searchsorted(pair_queries, [rows[0], rows[-1] + 1])
+        query, candidate = pair_queries[low:high] - rows[0], pair_candidates[low:high]
+        # Per query, the paired candidate ranked first: highest score, then lowest index.
+        order = np.lexsort((candidate, -sim[query, candidate], query))
+        first = order[np.r_[True, query[order][1:] != query[order][:-1]]] if len(order) else order
+        ranks.append(_ranks(sim[query[first]], candidate[first]))
+        if query_labels is not None:
+            labelled = query_labels[rows] >= 0
+            top = _top_indices(sim[labelled], depth)
+            hits = np.cumsum(candidate_labels[top] == query_labels[rows][labelled, None], axis=1)
+            precision.append(np.stack([hits[:, k - 1] / k for k in shown], axis=1))
+    ranks = np.concatenate(ranks)
     recall = np.stack([(ranks < k).astype(np.float64) for k in ks], axis=1)
     out: dict = {
         "n_queries": int(len(ranks)),
         "recall_at": {str(k): float(v) for k, v in zip(ks, recall.mean(axis=0))},
         "ci95": {f"recall@{k}": ci for k, ci in zip(ks, _bootstrap_means(recall, n_boot, seed))},
     }
+    hit1 = float((ranks < 1).mean())
     if query_labels is None:
-        return out
-    labelled = query_labels >= 0
-    out["n_labelled_queries"] = int(labelled.sum())
-    if not labelled.any():
-        return out
-    precision = _precision_at(sim[labelled], query_labels[labelled], candidate_labels, ks)
+        return out, hit1
+    precision = np.concatenate(precision)
+    out["n_labelled_queries"] = int(len(precision))
+    if not len(precision):
+        return out, hit1
     out["precision_at"] = {str(k): float(v) for k, v in zip(ks, precision.mean(axis=0))}
     out["ci95"].update(
         {f"precision@{k}": ci for k, ci in zip(ks, _bootstrap_means(precision, n_boot, seed))}
     )
-    return out
+    return out, hit1
 
 
-def _precision_at(sim: np.ndarray, query_labels: np.ndarray, candidate_labels: np.ndarray, ks: list[int]) -> np.ndarray:
-    """[queries, len(ks)] share of the top-K candidates (K capped at their number) with the query's label."""
-    n_cand = sim.shape[1]
-    depth = min(max(ks), n_cand)
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :depth]
-    hits = np.cumsum(candidate_labels[top] == query_labels[:, None], axis=1)
-    return np.stack([hits[:, min(k, n_cand) - 1] / min(k, n_cand) for k in ks], axis=1)
+def _top_indices(scores: np.ndarray, depth: int) -> np.ndarray:
+    """[rows, depth] column indices of each row's `depth` highest scores in rank order (ties: lower index
+    first, as a stable sort of descending scores), by partition: linear in the row length, not N log N."""
+    n_rows, n_cols = scores.shape
+    if depth >= n_cols:
+        return np.argsort(-scores, axis=1, kind="stable")
+    chosen = np.argpartition(scores, n_cols - depth, axis=1)[:, n_cols - depth :]
+    kth = np.take_along_axis(scores, chosen, axis=1).min(axis=1, keepdims=True)  # the depth-th highest score
+    # The partition picks arbitrarily among ties at the depth-th score; where it left some out, take the
+    # lowest-index ones instead: everything above that score, then ties in column order until `depth`.
+    left_out = (scores == kth).sum(axis=1) > (np.take_along_axis(scores, chosen, axis=1) == kth).sum(axis=1)
+    for row in np.flatnonzero(left_out):
+        above = np.flatnonzero(scores[row] > kth[row])
+        tied = np.flatnonzero(scores[row] == kth[row])[: depth - len(above)]
+        chosen[row] = np.concatenate([above, tied])
+    values = np.take_along_axis(scores, chosen, axis=1)
+    order = np.lexsort((chosen, -values), axis=1)
+    return np.take_along_axis(chosen, order, axis=1)
 
 
 def _ranks(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -205,13 +261,20 @@ def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n, size=(min(block, n_boot - start), n))
 
 
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """[block, n] float counts of each row in each resample of a [block, n] index batch (one bincount)."""
+    offsets = np.arange(idx.shape[0])[:, None] * n
+    return np.bincount((idx + offsets).ravel(), minlength=idx.shape[0] * n).reshape(idx.shape[0], n).astype(np.float64)
+
+
 def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> list[list[float]]:
-    """Percentile interval of the column means of [n, m] values, the same resamples for every column."""
-    blocks = [
-        np.stack([column[idx].mean(axis=1) for column in values.T], axis=1)
-        for idx in _resamples(len(values), n_boot, seed)
-    ]
-    stats = np.concatenate(blocks)
+    """Percentile interval of the column means of [n, m] values, the same resamples for every column.
+
+    A resample's means are its row counts times the values (one matrix product per block of resamples), so
+    the cost is O(n_boot * n) for any number of columns and memory stays at one block."""
+    n = len(values)
+    values = np.asarray(values, dtype=np.float64)
+    stats = np.concatenate([_counts(idx, n) @ values / n for idx in _resamples(n, n_boot, seed)])
     return [_interval(stats[:, j]) for j in range(stats.shape[1])]
 
 
@@ -225,8 +288,8 @@ def _check_boot(n_boot: int) -> None:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
 
 
-def _check_finite_matrix(matrix: np.ndarray, name: str) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float64)
+def _check_finite_matrix(matrix: np.ndarray, name: str, dtype: np.dtype = np.float64) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=dtype)
     if matrix.ndim != 2 or 0 in matrix.shape:
         raise ValueError(f"{name} must be a non-empty 2-D array, got shape {matrix.shape}")
     if not np.isfinite(matrix).all():

@@ -122,7 +122,7 @@ def validation_score(model: ClipModel, val: list[Record], classes: list[str], co
         truth = torch.tensor([classes.index(r.label) for r in val])
         return "val_zero_shot_top1", float((predictions == truth).float().mean())
     texts = embed_texts(model, [r.caption for r in val], precision=config.precision)
-    retrieval = retrieval_metrics((images @ texts.t()).numpy(), ks=(1,), n_boot=1)
+    retrieval = retrieval_metrics(images.numpy(), texts.numpy(), ks=(1,), n_boot=1)
     return "val_mean_recall_at_1", float(retrieval["mean_recall_at_1"])
 
 
