@@ -73,6 +73,27 @@ def test_predict_errors_name_the_problem(tiny_dual_folder, synthetic_dataset, tm
     assert "{label}" in capsys.readouterr().err
 
 
+def test_predict_with_templates_uses_their_prompt_ensemble(tiny_dual_folder, synthetic_dataset, tmp_path, capsys):
+    ensemble = ["A radiograph of the {label}", "A scan of the {label} region"]
+    templates = tmp_path / "prompts.yaml"
+    templates.write_text("default:\n" + "".join(f'  - "{t}"\n' for t in ensemble))
+    images = [str(synthetic_dataset / "images" / f"img_{i:04d}.png") for i in range(2)]
+    args = ["predict", "--model", str(tiny_dual_folder), *images, "--labels", ",".join(LABELS), "--top-k", "3",
+            "--precision", "fp32", "--json"]
+    assert main([*args, "--templates", str(templates)]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    model = load_model(str(tiny_dual_folder))
+    expected = label_probabilities(embed_images(model, _records(images), precision="fp32"),
+                                   class_embeddings(model, LABELS, ensemble, precision="fp32"), model.scale().item())
+    for prediction, row in zip(predictions, expected):
+        assert prediction["probabilities"] == pytest.approx(sorted(row.tolist(), reverse=True), abs=1e-5)
+        assert prediction["labels"] == [LABELS[i] for i in row.argsort(descending=True).tolist()]
+    assert main([*args, "--templates", str(tmp_path / "missing.yaml")]) == 2
+    assert "prompt template file not found" in capsys.readouterr().err
+    assert main([*args, "--templates", str(templates), "--template", "X {label}"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def _dataset_with_bad_rows(root):
     """7 good rows, plus an unreadable image, a missing image and a row without a caption."""
     write_synthetic_imagefolder(root, per_class=2, unlabeled=1)

@@ -282,8 +282,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     from .inference import format_predictions, predict
 
+    from .evaluation.zeroshot import DEFAULT_TEMPLATE
+    from .knowledge import load_templates
+
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    predictions = predict(_inference_model(args), args.images, labels, template=args.template, top_k=args.top_k,
+    if args.templates and args.template:
+        raise ClipmedError("pass --template (one prompt) or --templates FILE (a prompt ensemble), not both")
+    templates = load_templates("default", args.templates) if args.templates else [args.template or DEFAULT_TEMPLATE]
+    predictions = predict(_inference_model(args), args.images, labels, templates=templates, top_k=args.top_k,
                           precision=args.precision)
     print(json.dumps([asdict(p) for p in predictions], indent=2) if args.json else format_predictions(predictions))
 
@@ -416,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="the most probable of some labels for each image")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "Chest,Abdomen,Head"')
-    p.add_argument("--template", default="A medical image of {label}")
-    p.add_argument("--templates", help="a prompt-ensemble YAML replacing the packaged one (label field -> templates)")
+    p.add_argument("--template", help='the prompt, with {label} (default: "A medical image of {label}")')
+    p.add_argument("--templates", help="a prompt ensemble: a templates YAML as --templates of evaluate, whose "
+                   "`default` list is used (each label's embedding is the mean over them)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     _add_inference_options(p)

@@ -76,18 +76,22 @@ def label_probabilities(image_embeddings: torch.Tensor, class_weights: torch.Ten
     return torch.softmax(scale * zero_shot_scores(image_embeddings, class_weights), dim=-1)
 
 
-def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
-            top_k: int = 3, precision: str = "bf16") -> list[Prediction]:
-    """The `top_k` most probable of `labels` for each image (the label goes into `template` as {label})."""
+def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str], *,
+            templates: Sequence[str] = (DEFAULT_TEMPLATE,), top_k: int = 3, precision: str = "bf16") -> list[Prediction]:
+    """The `top_k` most probable of `labels` for each image. Each label's text embedding is the mean over
+    `templates` (the label goes into each as {label}): one template is a single prompt, several a prompt ensemble."""
     labels = list(labels)
     if not labels or len(set(labels)) != len(labels):
         raise ClipmedError(f"labels must be distinct and at least one, got {labels}")
-    if "{label}" not in template:
-        raise ClipmedError(f"template {template!r} has no {{label}}: every label would get the same prompt")
+    if not templates:
+        raise ClipmedError("no prompt template given: pass --template or --templates FILE")
+    for template in templates:
+        if "{label}" not in template:
+            raise ClipmedError(f"template {template!r} has no {{label}}: every label would get the same prompt")
     if top_k < 1:
         raise ClipmedError(f"--top-k must be at least 1, not {top_k}")
     images = embed_images(model, [image_record(p) for p in image_paths], precision=precision)
-    weights = class_embeddings(model, labels, [template], precision=precision)
+    weights = class_embeddings(model, labels, list(templates), precision=precision)
     top = label_probabilities(images, weights, model.scale().item()).topk(min(top_k, len(labels)), dim=-1)
     return [Prediction(path, [labels[i] for i in index.tolist()], values.tolist())
             for path, values, index in zip(image_paths, top.values, top.indices)]
