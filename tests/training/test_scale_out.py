@@ -3,6 +3,7 @@ full-batch loss and gradients; the locked-tower feature cache gives the same tra
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -76,21 +77,62 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(objective
         _assert_same(reference, (saved["loss"], saved["grads"]))
 
 
-def test_clipmed_train_runs_under_torchrun(prepared_synthetic, tiny_dual_folder, tmp_path):
-    """The same `clipmed train` under torchrun with 2 CPU processes writes a complete run close to the
-    single-process one (same global batches; only the reduction order differs)."""
-    args = ["train", "--data", str(prepared_synthetic), "--model", str(tiny_dual_folder), "--batch-size", "8",
-            "--epochs", "1", "--precision", "fp32", "--lr-new", "1e-3", "--lr-pretrained", "1e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), "-m", "clipmed.cli", *args, "--out", str(tmp_path / "ddp")],
-                   check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "clipmed.cli", *args, "--out", str(tmp_path / "single")], check=True,
-                   env=env, capture_output=True, timeout=300)
-    ddp = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
-    single = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+def _train_command(prepared_dir, model_folder, out) -> list[str]:
+    return ["-m", "clipmed.cli", "train", "--data", str(prepared_dir), "--model", str(model_folder), "--batch-size",
+            "8", "--epochs", "1", "--precision", "fp32", "--lr-new", "1e-3", "--lr-pretrained", "1e-3",
+            "--out", str(out)]
+
+
+def _train_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(prepared_synthetic, tiny_dual_folder, tmp_path_factory):
+    """`clipmed train` in one process: the reference for the torchrun runs."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    subprocess.run([sys.executable, *_train_command(prepared_synthetic, tiny_dual_folder, out)], check=True,
+                   env=_train_env(), capture_output=True, timeout=300)
+    return out
+
+
+def _assert_same_model(run, reference) -> None:
+    """Same global batches; only the reduction order differs."""
+    trained = load_file(str(run / "model" / "model.safetensors"))
+    single = load_file(str(reference / "model" / "model.safetensors"))
+    assert trained.keys() == single.keys()
     for name in single:
-        assert torch.allclose(ddp[name].float(), single[name].float(), rtol=1e-3, atol=1e-5), name
+        assert torch.allclose(trained[name].float(), single[name].float(), rtol=1e-3, atol=1e-5), name
+
+
+def test_clipmed_train_runs_under_torchrun(prepared_synthetic, tiny_dual_folder, single_process_run, tmp_path):
+    """The same `clipmed train` under torchrun with 2 CPU processes writes a complete run close to the
+    single-process one."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), *_train_command(prepared_synthetic, tiny_dual_folder, tmp_path / "ddp")],
+                   check=True, env=_train_env(), capture_output=True, timeout=300)
+    _assert_same_model(tmp_path / "ddp", single_process_run)
+
+
+def test_clipmed_train_across_two_nodes_with_c10d_rendezvous(prepared_synthetic, tiny_dual_folder,
+                                                             single_process_run, tmp_path):
+    """Two torchrun launchers, one per "node" with one process each, meet at a c10d rendezvous (no
+    --node-rank): the multi-node launch, on one machine. Both write into one run folder as on a shared
+    filesystem; rank 0 alone writes it, and the model is the single-process one."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", "clipmed-test",
+                *_train_command(prepared_synthetic, tiny_dual_folder, tmp_path / "nodes")]
+    nodes = [subprocess.Popen(launcher, env=_train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300)[0].decode(errors="replace") for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-2000:]
+    assert json.loads((tmp_path / "nodes" / "run.json").read_text())["processes"] == 2
+    _assert_same_model(tmp_path / "nodes", single_process_run)
 
 
 def test_locked_tower_cache_trains_exactly_like_recomputing(prepared_synthetic, tiny_dual_folder, tmp_path,
