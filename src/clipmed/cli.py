@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import ClipmedError
+from .io import check_output
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +149,7 @@ def _recipe_paths(typed: set[str], config) -> set[str]:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data.split import prepare
 
+    check_output(args.out, folder=True)
     summary = prepare(args.data, args.out, fmt=args.fmt, fields=_fields(args), image_root=args.image_root,
                       classes=_classes(args), min_class_count=args.min_class_count, n=args.n, seed=args.seed,
                       strict=args.strict)
@@ -157,6 +159,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.train import train
 
+    if args.resume or args.out:
+        check_output(args.resume or args.out, folder=True, flag="--resume" if args.resume else "--out")
     if args.resume:
         if args.config:
             raise ClipmedError("--resume continues a run with its saved config: drop --config")
@@ -181,6 +185,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .knowledge import load_templates
     from .models import load_model
 
+    if args.out:
+        check_output(args.out, folder=False)
     if (Path(args.data) / "split.json").exists():
         if args.split == "all":
             raise ClipmedError(f"{args.data} is a prepared folder: use --split test or val (--split all is for a "
@@ -237,6 +243,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         config = with_overrides(load_recipe(args.config), config, _recipe_paths(args.typed, config))
     if not (config.data and config.out):
         raise ClipmedError("reproduce needs --data and --out (or `data:` and `out:` in the --config recipe)")
+    check_output(config.out, folder=True)
     started = time.time()
     metrics = reproduce(config)
     for name, result in metrics["models"].items():
@@ -251,6 +258,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .io import write_json_atomic
     from .pipeline import ReproduceConfig, sweep
 
+    check_output(args.out, folder=True)
     config = ReproduceConfig(data=args.data, out=args.out, model=args.model, seed=args.seed,
                              objectives=tuple(args.objectives.split(",")), train=_train_config(args),
                              sweep_fractions=tuple(float(f) for f in args.fractions.split(",")))
@@ -305,6 +313,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from .data.sources import load_source
     from .inference import embed_records, write_parquet
 
+    check_output(args.out, folder=False)
     loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
     embedded = embed_records(_inference_model(args), loaded.records, what=args.what, precision=args.precision,
                              progress=True)
@@ -319,6 +328,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     from .data.sources import load_source
     from .inference import build_index, model_reference
 
+    check_output(args.out, folder=True)
     loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
     meta = build_index(_inference_model(args), model_reference(args.model), loaded, args.out, precision=args.precision,
                        progress=True)
@@ -343,6 +353,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_model
     from .models import load_model
 
+    check_output(args.dir, folder=True, flag="export DIR")
     out = export_model(load_model(args.run), args.dir, source=args.run)
     print(f"exported to {out}; {out / 'README.md'} shows how to load it without clipmed")
 

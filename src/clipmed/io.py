@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ClipmedError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write a file through a temporary sibling, fsync it, then rename it into place.
@@ -35,6 +37,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_output(path: str | os.PathLike, *, folder: bool, flag: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before a command does any work: a file where a folder is
+    wanted or the reverse, a path under a file, or a folder this user cannot write in (probed by creating a
+    nameless temporary file in the nearest existing folder). Every command calls this for each path it writes."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise ClipmedError(f"{flag} {path} is a file, not a folder: give a new or existing folder")
+    if not folder and path.is_dir():
+        raise ClipmedError(f"{flag} {path} is a folder: give a file path, e.g. {path / 'metrics.json'}")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ClipmedError(f"{flag} {path}: {existing} is a file, so nothing can be written under it; give another "
+                           f"{flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ClipmedError(f"{flag} {path}: cannot write in {existing} ({exc.strerror or type(exc).__name__}): give "
+                           f"a {flag} in a folder you can write") from None
+    return path
 
 
 def _fsync_dir(directory: Path) -> None:

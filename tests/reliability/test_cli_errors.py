@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,97 @@ def test_interrupted_training_says_how_to_resume(capsys, monkeypatch, tmp_path, 
     monkeypatch.setattr(train_module, "train", interrupted)
     assert cli.main(["train", "--resume", str(run)]) == 130
     assert capsys.readouterr().err.strip() == f"clipmed: interrupted; continue with `clipmed train --resume {run}`"
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: a read-only folder, or (as root, whom permissions do not stop)
+    sysfs."""
+    import os
+    import tempfile
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return candidate
+    pytest.skip("no folder here refuses writes (root on a system without sysfs)")
+
+
+def _refuse_work(monkeypatch):
+    """Make loading any model fail loudly: the commands below must stop before it."""
+    from clipmed import models
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command loaded a model before checking where it writes")
+
+    monkeypatch.setattr(models, "load_model", work)
+
+
+def test_outputs_in_unwritable_folders_are_refused_before_any_work(capsys, monkeypatch, tmp_path, prepared_synthetic,
+                                                                   synthetic_dataset, tiny_dual_folder):
+    unwritable = _unwritable_folder(tmp_path)
+    _refuse_work(monkeypatch)
+    line = fails(capsys, "index", "--model", tiny_dual_folder, "--data", synthetic_dataset, "--out",
+                 unwritable / "index")
+    assert f"cannot write in {unwritable}" in line and "--out" in line
+    line = fails(capsys, "evaluate", "--model", tiny_dual_folder, "--data", prepared_synthetic, "--out",
+                 unwritable / "metrics.json")
+    assert f"cannot write in {unwritable}" in line
+    assert "cannot write in" in fails(capsys, "prepare", synthetic_dataset, "--out", unwritable / "prepared")
+
+
+def test_outputs_of_the_wrong_kind_are_refused(capsys, monkeypatch, tmp_path, prepared_synthetic, synthetic_dataset,
+                                               tiny_dual_folder):
+    _refuse_work(monkeypatch)
+    existing = tmp_path / "a-file"
+    existing.write_text("not a folder")
+    for argv in (["prepare", synthetic_dataset], ["train", "--data", prepared_synthetic],
+                 ["index", "--model", tiny_dual_folder, "--data", synthetic_dataset]):
+        assert f"--out {existing} is a file, not a folder" in fails(capsys, *argv, "--out", existing)
+    assert f"{existing} is a file, so nothing can be written under it" in fails(
+        capsys, "index", "--model", tiny_dual_folder, "--data", synthetic_dataset, "--out", existing / "index")
+    assert "is a file, not a folder" in fails(capsys, "export", tiny_dual_folder, existing)
+    line = fails(capsys, "evaluate", "--model", tiny_dual_folder, "--data", prepared_synthetic, "--out", tmp_path)
+    assert f"--out {tmp_path} is a folder: give a file path" in line
+    assert "is a folder" in fails(capsys, "embed", "--model", tiny_dual_folder, "--data", synthetic_dataset, "--out",
+                                  tmp_path)
+
+
+def _with_misshapen_tensor(folder: Path, weights: str, name: str | None = None) -> tuple[Path, str]:
+    """The model folder with one 2-D tensor given one more row (the weights of some other config)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / weights))
+    name = name or next(key for key, tensor in state.items() if tensor.ndim == 2)
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    save_file(state, str(folder / weights), metadata={"format": "pt"})
+    return folder, name
+
+
+def test_weights_of_the_wrong_shape_are_named(capsys, tmp_path, prepared_synthetic, synthetic_dataset,
+                                              tiny_dual_folder, tiny_hf):
+    import shutil
+
+    dual, tensor = _with_misshapen_tensor(shutil.copytree(tiny_dual_folder, tmp_path / "dual"), "model.safetensors")
+    image = synthetic_dataset / "images" / "img_0000.png"
+    for argv in (["predict", "--model", dual, image, "--labels", "A,B"],
+                 ["evaluate", "--model", dual, "--data", prepared_synthetic],
+                 ["export", dual, tmp_path / "exported"]):
+        line = fails(capsys, *argv)
+        assert f"{dual / 'model.safetensors'}: tensor {tensor} has shape" in line and "config needs" in line
+    hf, tensor = _with_misshapen_tensor(shutil.copytree(tiny_hf, tmp_path / "hf"), "model.safetensors",
+                                        "text_projection.weight")
+    line = fails(capsys, "predict", "--model", hf, image, "--labels", "A,B")
+    assert f"{hf / 'model.safetensors'}: tensor text_projection.weight has shape [17, 32]" in line
+
+
+def test_a_run_folder_without_a_model_says_so(capsys, tmp_path, synthetic_dataset):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "done"}))  # a zero-step or unfinished run: no model/
+    line = fails(capsys, "predict", "--model", run, synthetic_dataset / "images" / "img_0000.png", "--labels", "A,B")
+    assert f"{run} is a run folder without a finished model: resume it" in line and "or train it" in line

@@ -46,6 +46,9 @@ def load_model(spec: str, *, trust_remote_code: bool = False) -> ClipModel:
     if spec.startswith("openclip:"):
         return build_openclip(spec.removeprefix("openclip:"))
     folder = model_dir(spec) if Path(spec).is_dir() else None
+    if folder is None and (Path(spec) / "run.json").is_file():
+        raise ClipmedError(f"{spec} is a run folder without a finished model: resume it (`clipmed train --resume "
+                           f"{spec}`) or train it")
     if folder is None:
         raise ClipmedError(f"unknown model spec {spec!r}: {SPEC_HELP}")
     if (folder / DUAL_CONFIG).exists():

@@ -9,6 +9,8 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import nn
 
+from ..errors import ClipmedError
+
 Tower = Literal["image", "text", "head"]
 # Where a parameter's values come from; the trainer picks its learning rate from this.
 #   clip:       trained contrastively already (a pretrained CLIP): small, batch-scaled rate
@@ -30,6 +32,21 @@ def tokenize_padded(tokenizer, texts: Sequence[str], context_length: int) -> dic
         ids = nn.functional.pad(ids, (0, extra), value=tokenizer.pad_token_id)
         mask = nn.functional.pad(mask, (0, extra), value=0)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def check_tensor_shapes(expected: dict[str, torch.Tensor], weights_file: str | Path) -> None:
+    """Refuse a safetensors file whose tensors do not fit the model its folder's config describes (a file from
+    another model, or edited), with one line naming the file and the first tensor that does not fit; torch and
+    transformers would raise a multi-line RuntimeError, or name no tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as handle:
+        for name in handle.keys():
+            shape = tuple(handle.get_slice(name).get_shape())
+            if name in expected and tuple(expected[name].shape) != shape:
+                raise ClipmedError(f"{weights_file}: tensor {name} has shape {list(shape)}, but the model's config "
+                                   f"needs {list(expected[name].shape)}: the weights do not belong to this config; "
+                                   "save or export the model again")
 
 
 def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import ClipmedError, first_line
 from ..io import atomic_write, write_json_atomic
-from .base import ClipModel, ImagePreprocess, Origin, Tower, count_truncated, set_hf_checkpointing, tokenize_padded
+from .base import (ClipModel, ImagePreprocess, Origin, Tower, check_tensor_shapes, count_truncated, set_hf_checkpointing,
+                   tokenize_padded)
 
 DEFAULT_SPEC = "dual:efficientnet-lite0+minilm"
 IMAGE_TOWERS = ("efficientnet-lite0",)
@@ -207,6 +208,7 @@ class DualEncoderCLIP(ClipModel):
             raise ClipmedError(f"cannot open the dual model in {directory}: {type(exc).__name__}: "
                                f"{first_line(exc)}") from None
         model = cls(config, tokenizer, pretrained=False)
+        check_tensor_shapes(model.state_dict(), directory / WEIGHTS_NAME)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ClipmedError(f"{directory / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "

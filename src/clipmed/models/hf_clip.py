@@ -11,7 +11,8 @@ import torch
 
 from ..errors import ClipmedError, first_line
 from ..io import write_json_atomic
-from .base import ClipModel, ImagePreprocess, Origin, Tower, count_truncated, set_hf_checkpointing, tokenize_padded
+from .base import (ClipModel, ImagePreprocess, Origin, Tower, check_tensor_shapes, count_truncated, set_hf_checkpointing,
+                   tokenize_padded)
 from .clip_pooling import supports_pooled_forward, text_pooled, vision_pooled
 
 MARKER = "clipmed_hf.json"
@@ -151,6 +152,10 @@ class HFCLIP(ClipModel):
             raise ClipmedError(f"refusing to load hf:{source}: its weights file holds objects that would run code "
                                f"when loaded, not only tensors ({first_line(exc)}); use a copy of the model with "
                                "safetensors weights") from None
+        except RuntimeError as exc:  # transformers' "ignore_mismatched_sizes" refusal, which names no tensor
+            if folder is not None and not trust_remote_code:
+                _check_folder_shapes(folder)
+            raise
         except (OSError, ValueError) as exc:
             where = "folder" if Path(source).exists() else "hub id (needs internet, or a local folder)"
             raise ClipmedError(f"cannot open hf:{source} as a transformers CLIPModel with its processor "
@@ -160,6 +165,17 @@ class HFCLIP(ClipModel):
         except AttributeError as exc:
             raise ClipmedError(f"hf:{source} is not a CLIP-style model with an image and a text tower "
                                f"({first_line(exc)})") from exc
+
+
+def _check_folder_shapes(folder: Path) -> None:
+    """Compare every safetensors file of a save_pretrained folder with the CLIPModel its config.json builds (on the
+    meta device: no memory, no weights); refuses the first tensor that does not fit."""
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.device("meta"):
+        expected = CLIPModel(CLIPConfig.from_pretrained(str(folder))).state_dict()
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_tensor_shapes(expected, weights)
 
 
 def _remote_code_refusal(source: str, asked: str) -> str:

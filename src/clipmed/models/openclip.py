@@ -207,7 +207,10 @@ def _create(name: str, pretrained: str | None, *, source: str, origin: Origin) -
                                        pretrained_text=False)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise ClipmedError(f"cannot open {source} with open_clip: {first_line(exc)}") from exc
+        # torch's load_state_dict lists each tensor that does not fit on a line of its own, after a heading.
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")),
+                      first_line(exc))
+        raise ClipmedError(f"cannot open {source} with open_clip: {detail}") from exc
     return OpenCLIP(model, tokenizer, model_cfg, source=source, origin=origin)
 
 
