@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,8 @@ ROCO = Path(__file__).parents[2].parent / "shared/datasets/roco-radiology"
 
 @pytest.mark.skipif(not (ROCO / "metadata.jsonl").is_file(), reason=f"{ROCO} is not here")
 def test_prepare_roco_radiology(tmp_path):
-    started = time.perf_counter()
     summary = prepare(str(ROCO), tmp_path, fields=FieldMap(label_field="body_part", group_field="article"),
                       progress=False)
-    assert time.perf_counter() - started < 30
     counts = summary["counts"]
     assert summary["classes"] == ["Abdomen", "Chest", "Dental", "Extremity", "Head and Neck", "Pelvis", "Spine"]
     assert counts["rows"] == 2626 and counts["labeled"] + counts["unlabeled"] + counts["rejected_total"] == 2626

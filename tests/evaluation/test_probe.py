@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -76,12 +75,3 @@ def test_single_class_train_split_is_a_user_error():
     x = np.ones((4, 3))
     with pytest.raises(ClipmedError, match="two classes"):
         linear_probe(x, np.zeros(4, dtype=int), x, np.zeros(4, dtype=int), CLASSES)
-
-
-def test_probe_is_fast_on_1000_by_256():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 1500)
-    features = rng.normal(size=(10, 256))[labels] * 0.2 + rng.normal(size=(1500, 256))
-    started = time.perf_counter()
-    linear_probe(features[:1000], labels[:1000], features[1000:], labels[1000:], [str(i) for i in range(10)])
-    assert time.perf_counter() - started < 2.0

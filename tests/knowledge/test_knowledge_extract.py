@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -282,11 +281,3 @@ def test_entity_matrix_sources(ex):
         ex.entity_matrix(captions, None, "labels")
     with pytest.raises(ClipmedError):
         ex.entity_matrix(captions, labels, "reports")
-
-
-def test_speed(ex):
-    texts = ["Axial contrast-enhanced CT of the abdomen shows a 3 cm hypodense mass in the liver, "
-             "no ascites, possible metastasis to the adrenal gland; no pneumothorax."] * 2000
-    start = time.perf_counter()
-    ex.matrix(texts)
-    assert time.perf_counter() - start < 2.0
