@@ -358,10 +358,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {out}; {out / 'README.md'} shows how to load it without clipmed")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with clipmed's one-line errors: a bad flag or value gives `clipmed: error: ...` and status 2, the
+    usage left to --help (argparse would print the whole usage first; the sub-command parsers inherit this)."""
+
+    def error(self, message: str):
+        self.exit(2, f"clipmed: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_SPEC
 
-    parser = argparse.ArgumentParser(prog="clipmed", description="Adapt CLIP-style image-text models to medical "
+    parser = _Parser(prog="clipmed", description="Adapt CLIP-style image-text models to medical "
                                      "imaging and measure, with confidence intervals, how much each adaptation helps.")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -238,3 +238,14 @@ def test_a_run_folder_without_a_model_says_so(capsys, tmp_path, synthetic_datase
     (run / "run.json").write_text(json.dumps({"status": "done"}))  # a zero-step or unfinished run: no model/
     line = fails(capsys, "predict", "--model", run, synthetic_dataset / "images" / "img_0000.png", "--labels", "A,B")
     assert f"{run} is a run folder without a finished model: resume it" in line and "or train it" in line
+
+
+def test_a_bad_flag_is_one_line_naming_the_help(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--epochs", "three"])
+    assert exited.value.code == 2
+    assert error_line(capsys) == ("clipmed: error: argument --epochs: invalid int value: 'three' "
+                                  "(see `clipmed train --help`)")
+    with pytest.raises(SystemExit):
+        cli.main(["trian"])
+    assert "invalid choice: 'trian'" in error_line(capsys)
