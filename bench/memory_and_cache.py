@@ -60,10 +60,10 @@ def epoch_times(feature_cache: bool, rows: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="lit-bench-"))
     subset = work / "data"
     subset.mkdir()
-    (subset / "images").symlink_to(ROCO / "images")
     lines = (ROCO / "metadata.jsonl").read_text().splitlines()[:rows]
     (subset / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    prepare(str(subset), work / "prepared", fields=FieldMap(group_field="article"), min_class_count=5, progress=False)
+    prepare(str(subset), work / "prepared", fields=FieldMap(group_field="article"), image_root=str(ROCO),
+            min_class_count=5, progress=False)
     os.environ["CLIPMED_CACHE"] = str(work / "cache")
     run = train(TrainConfig(data=str(work / "prepared"), out=str(work / "run"), objective="caption", epochs=3,
                             lock_image=True, feature_cache=feature_cache), progress=False)

@@ -15,7 +15,7 @@ from .io import check_output
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     """The same data options on every command."""
     group = parser.add_argument_group("data")
-    group.add_argument("--format", dest="fmt", choices=["imagefolder", "pubmedvision", "csv", "hf"],
+    group.add_argument("--format", dest="fmt", choices=["imagefolder", "pubmedvision", "csv", "hf", "webdataset"],
                        help="source format (default: detected from the path)")
     group.add_argument("--image-root", help="folder that image paths are relative to")
     group.add_argument("--caption-field", default="caption")
@@ -25,6 +25,15 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--id-field", default="id")
     group.add_argument("--classes", help="comma-separated class names (default: values with >= --min-class-count rows)")
     group.add_argument("--min-class-count", type=int, default=20)
+    group.add_argument("--streaming", action="store_true", help="read a Hugging Face hub dataset as a stream")
+    group.add_argument("--allow-outside-paths", action="store_true",
+                       help="accept image paths outside the dataset folder and --image-root (e.g. absolute CSV paths)")
+
+
+def _source_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments every command passes to `load_source` (and prepare, load_for_evaluation)."""
+    return dict(fmt=args.fmt, fields=_fields(args), image_root=args.image_root, streaming=args.streaming,
+                allow_outside_paths=args.allow_outside_paths)
 
 
 def _fields(args: argparse.Namespace):
@@ -150,9 +159,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from .data.split import prepare
 
     check_output(args.out, folder=True)
-    summary = prepare(args.data, args.out, fmt=args.fmt, fields=_fields(args), image_root=args.image_root,
-                      classes=_classes(args), min_class_count=args.min_class_count, n=args.n, seed=args.seed,
-                      strict=args.strict)
+    summary = prepare(args.data, args.out, **_source_options(args), classes=_classes(args),
+                      min_class_count=args.min_class_count, n=args.n, seed=args.seed, strict=args.strict)
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
@@ -202,8 +210,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ClipmedError(f"{args.data} has no split.json: run `clipmed prepare` first, or pass --split all "
                                "to score every labeled row")
         label_field = args.label_field = args.label_field or "body_part"
-        records, classes = load_for_evaluation(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root,
-                                               classes=_classes(args), min_class_count=args.min_class_count)
+        records, classes = load_for_evaluation(args.data, **_source_options(args), classes=_classes(args),
+                                               min_class_count=args.min_class_count)
         train = None  # a dataset never prepared has no train split for the linear probe
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     config = EvalConfig(template=args.template, precision=args.precision)
@@ -220,7 +228,7 @@ def cmd_entities(args: argparse.Namespace) -> None:
     from .data.sources import load_source
     from .knowledge import ConceptExtractor, Vocabulary, coverage, format_coverage
 
-    loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
+    loaded = load_source(args.data, **_source_options(args))
     vocabulary = Vocabulary.load(args.vocabulary) if args.vocabulary else Vocabulary.default()
     report = coverage([r.caption for r in loaded.records], ConceptExtractor(vocabulary))
     print(json.dumps(report, indent=2) if args.json else format_coverage(report))
@@ -314,7 +322,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from .inference import embed_records, write_parquet
 
     check_output(args.out, folder=False)
-    loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
+    loaded = load_source(args.data, **_source_options(args))
     embedded = embed_records(_inference_model(args), loaded.records, what=args.what, precision=args.precision,
                              progress=True)
     write_parquet(embedded, args.out)
@@ -329,7 +337,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     from .inference import build_index, model_reference
 
     check_output(args.out, folder=True)
-    loaded = load_source(args.data, fmt=args.fmt, fields=_fields(args), image_root=args.image_root)
+    loaded = load_source(args.data, **_source_options(args))
     meta = build_index(_inference_model(args), model_reference(args.model), loaded, args.out, precision=args.precision,
                        progress=True)
     _report_skipped([(s["id"], s["reason"]) for s in meta["skipped"]], "without a readable image")

@@ -104,8 +104,28 @@ def write_hf(root: Path, rows: list[dict]) -> str:
     return str(out)
 
 
+def write_webdataset(root: Path, rows: list[dict], shards: int = 2) -> str:
+    """open_clip's layout: per sample a `png`, a `txt` caption (absent when null) and a `json` of the other
+    fields, over `shards` tar files; returns the brace pattern naming them."""
+    from webdataset import TarWriter
+
+    per_shard = -(-len(rows) // shards)
+    for number in range(shards):
+        with TarWriter(str(root / f"shard-{number:05d}.tar")) as sink:
+            for row in rows[number * per_shard:(number + 1) * per_shard]:
+                sample = {"__key__": f"sample{row['id']}",
+                          "json": {k: v for k, v in row.items() if k not in ("file_name", "caption")}}
+                if row.get("caption") is not None:
+                    sample["txt"] = row["caption"]
+                if row.get("file_name"):
+                    sample["png"] = (root / row["file_name"]).read_bytes()
+                sink.write(sample)
+    return str(root / f"shard-{{00000..{shards - 1:05d}}}.tar")
+
+
 WRITERS: dict[str, Callable[..., str]] = {
     "imagefolder": write_imagefolder, "pubmedvision": write_pubmedvision, "csv": write_csv, "hf": write_hf,
+    "webdataset": write_webdataset,
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clipmed.cache import cache_dir
 from clipmed.data.records import FieldMap
 from clipmed.data.sources import FORMATS, detect_format, load_source
 from clipmed.errors import ClipmedError
@@ -42,13 +43,30 @@ def test_every_format_loads_the_same_records(tmp_path, kit, rows, fmt):
     assert len(loaded.fingerprint) == 64
 
 
-def test_imagefolder_locators_and_bad_json_line(tmp_path, kit, rows):
+def test_imagefolder_locators_and_bad_lines_are_problem_rows(tmp_path, kit, rows):
     path = kit.write("imagefolder", tmp_path, rows)
     assert load_source(path).locators[2] == "metadata.jsonl:3"
-    with open(tmp_path / "metadata.jsonl", "a") as handle:
-        handle.write('{"file_name": "x.png", oops\n')
-    with pytest.raises(ClipmedError, match=r"metadata\.jsonl:5: not valid JSON .*fix or delete that line"):
-        load_source(path)
+    with open(tmp_path / "metadata.jsonl", "ab") as handle:
+        handle.write(b'{"file_name": "x.png", oops\n')
+        handle.write(b'{"file_name": "y.png", "caption": "caf\xe9", "id": "latin1"}\n')
+        handle.write(json.dumps(dict(rows[0], id="after")).encode() + b"\n")
+    loaded = load_source(path)
+    assert [r.id for r in loaded.records][-1] == "after" and len(loaded.records) == 5
+    assert loaded.problems == [
+        ("metadata.jsonl:5", "not valid JSON (Expecting property name enclosed in double quotes)"),
+        ("metadata.jsonl:6", "not UTF-8 text (byte 0xe9 at column 39); save metadata.jsonl as UTF-8")]
+
+
+def test_csv_rows_with_bytes_that_are_not_utf8_are_problem_rows(tmp_path, kit, rows):
+    path = Path(kit.write("csv", tmp_path, rows))
+    with open(path, "ab") as handle:
+        handle.write(b"images/img_0000.png,caf\xe9 latin-1,x9,Chest,PMC9,src,CC BY\n")
+    loaded = load_source(str(path))
+    assert loaded.problems == [("data.csv:6", "not UTF-8 text; save data.csv as UTF-8")]
+    assert len(loaded.records) == 4
+    path.write_bytes(b"filepath,t\xe9tle\n")
+    with pytest.raises(ClipmedError, match=r"data\.csv:1: the header line is not UTF-8"):
+        load_source(str(path))
 
 
 def test_missing_field_error_names_file_field_fields_and_option(tmp_path, kit, rows):
@@ -137,7 +155,8 @@ def test_hf_embedded_images_are_materialised_once(tmp_path, kit, rows):
     path = kit.write("hf", tmp_path, rows)
     loaded = load_source(path)
     cached = Path(loaded.records[0].image_path)
-    assert cached.parent == tmp_path / "clipmed-cache" / "hf-images" / loaded.fingerprint
+    assert cached.parent == cache_dir("hf-images", loaded.fingerprint)
+    assert cached.parent.parent == tmp_path / "clipmed-cache" / "hf-images"
     assert cached.name == "id0000.png"
     stamp = cached.stat().st_mtime_ns
     again = load_source(path)
@@ -181,3 +200,94 @@ def test_format_detection(tmp_path):
         detect_format(str(tmp_path))
     with pytest.raises(ClipmedError, match="unknown dataset format"):
         load_source(str(tmp_path), fmt="parquet")
+
+
+def test_webdataset_shards_brace_expanded_with_ids_keys_and_unreadable_parts(tmp_path, kit, rows, monkeypatch):
+    import tarfile
+    from io import BytesIO
+
+    pattern = kit.write("webdataset", tmp_path, rows)
+    assert pattern.endswith("shard-{00000..00001}.tar") and detect_format(pattern) == "webdataset"
+    with tarfile.open(tmp_path / "shard-00002.tar", "w") as tar:  # a key needing sanitising, no json id
+        for name, data in (("dir/odd key:1.png", (tmp_path / rows[0]["file_name"]).read_bytes()),
+                           ("dir/odd key:1.txt", b"a caption"), ("dir/odd key:1.json", b'{"body_part": "Chest"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, BytesIO(data))
+    (tmp_path / "shard-00003.tar").write_bytes((tmp_path / "shard-00000.tar").read_bytes()[:700])  # cut short
+    monkeypatch.chdir(tmp_path)  # shard paths relative to the working directory
+    loaded = load_source("shard-{00000..00003}.tar")
+    assert [r.id for r in loaded.records] == [row["id"] for row in rows] + ["dir/odd key:1"]
+    assert loaded.locators[0] == "shard-00000.tar:sampleid0000"
+    odd = loaded.records[4]
+    assert odd.caption == "a caption" and odd.label == "Chest"
+    folder = cache_dir("wds-images", loaded.fingerprint)
+    assert Path(odd.image_path).parent == folder and ":" not in Path(odd.image_path).name
+    assert " " not in Path(odd.image_path).name and Path(odd.image_path).suffix == ".png"
+    assert Path(loaded.records[0].image_path).read_bytes() == (tmp_path / rows[0]["file_name"]).read_bytes()
+    assert loaded.records[1].caption is None and loaded.records[0].extra["license"] == "CC BY"
+    assert [(locator, reason.split(":")[0]) for locator, reason in loaded.problems] == [
+        ("shard-00003.tar", "unreadable tar data")]  # cut inside its first member
+    with pytest.raises(ClipmedError, match="1 of 2 shards are not files"):
+        load_source("shard-{00000,00009}.tar")
+
+
+def test_pubmedvision_is_parsed_incrementally(tmp_path, kit, rows, monkeypatch):
+    path = Path(kit.write("pubmedvision", tmp_path, rows))
+
+    def no_json_load(*_args, **_kwargs):
+        raise AssertionError("PubMedVision's JSON must not be read whole")
+
+    monkeypatch.setattr(json, "load", no_json_load)
+    monkeypatch.setattr(json, "loads", no_json_load)
+    loaded = load_source(str(path))
+    assert [r.id for r in loaded.records] == [row["id"] for row in rows]
+    path.write_text(path.read_text()[:-40])
+    with pytest.raises(ClipmedError, match=r"pubmedvision\.json: not valid JSON after record 2"):
+        load_source(str(path)).records
+
+
+def test_hf_streaming_from_local_parquet_files(tmp_path, kit, rows):
+    import datasets
+
+    records = [{k: v for k, v in row.items() if k != "file_name"}
+               | {"image": {"bytes": (tmp_path / row["file_name"]).read_bytes(), "path": f"{row['id']}.png"}}
+               for row in rows]
+    features = datasets.Features({"image": datasets.Image(), **{k: datasets.Value("string") for k in records[0]
+                                                                if k != "image"}})
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    datasets.Dataset.from_list(records, features=features).to_parquet(str(folder / "train-00000.parquet"))
+    loaded = load_source(str(folder), fmt="hf", streaming=True)
+    assert loaded.streaming and loaded.path == f"{folder}:train"
+    assert [r.id for r in loaded.records] == [row["id"] for row in rows]
+    cached = Path(loaded.records[0].image_path)
+    assert cached.parent == cache_dir("hf-images", loaded.fingerprint)
+    assert cached.read_bytes() == (tmp_path / rows[0]["file_name"]).read_bytes()
+    assert load_source(str(folder), fmt="hf", streaming=True).fingerprint == loaded.fingerprint
+    with pytest.raises(ClipmedError, match="drop --streaming"):
+        load_source(kit.write("csv", tmp_path, rows), streaming=True)
+
+
+def test_image_paths_outside_the_dataset_folder_are_refused_unless_allowed(tmp_path, kit, rows):
+    outside = kit.save_image(tmp_path / "outside" / "x.png")
+    root = tmp_path / "data"
+    rows = kit.rows(root, {"Chest": 3})
+    rows[0]["file_name"] = "../outside/x.png"
+    rows[1]["file_name"] = str(outside)
+    (root / "images" / "link.png").symlink_to(outside)
+    (root / "images" / "inner.png").symlink_to(root / "images" / "img_0002.png")
+    rows.append(dict(rows[2], id="link", file_name="images/link.png"))
+    rows.append(dict(rows[2], id="inner", file_name="images/inner.png"))
+    path = kit.write("imagefolder", root, rows)
+    loaded = load_source(path)
+    refused = {r.id: r.image_fault for r in loaded.records if r.image_fault}
+    assert sorted(refused) == ["id0000", "id0001", "link"]
+    assert all(r.image_path is None for r in loaded.records if r.image_fault)
+    assert refused["id0000"].startswith(f"image path outside the dataset folder: {outside}")
+    assert "--allow-outside-paths" in refused["link"]
+    assert {r.id: r.image_path for r in loaded.records}["inner"] == str(root / "images" / "inner.png")
+    # --image-root widens what is inside; --allow-outside-paths accepts everything.
+    assert not any(r.image_fault for r in load_source(path, image_root=str(tmp_path)).records[1:])
+    allowed = load_source(path, allow_outside_paths=True)
+    assert not any(r.image_fault for r in allowed.records) and allowed.records[1].image_path == str(outside)

@@ -66,8 +66,9 @@ def test_sizes_stratification_cap_and_pool(tmp_path, source):
     assert manifest["counts"]["pool"] == {"labeled": pool_labels[True], "unlabeled": pool_labels[False]}
     assert manifest["counts"]["unlabeled"] == 25 and manifest["counts"]["rejected_total"] == 0
     assert all(ids == sorted(ids) for ids in splits.values())
-    assert sorted(manifest) == ["check_images", "classes", "counts", "fields", "format_version",
-                                "image_only", "min_class_count", "n", "seed", "source", "splits", "text_only"]
+    assert sorted(manifest) == ["allow_outside_paths", "check_images", "classes", "counts", "fields",
+                                "format_version", "image_only", "min_class_count", "n", "seed", "source", "splits",
+                                "text_only"]
     assert manifest["source"]["path"] == str(path) and manifest["source"]["format"] == "imagefolder"
     assert summary["sizes"] == {"train": 31 + 27 + 18, "val": 12, "test": 12, "pool": len(splits["pool"]),
                                 "text_only": 0, "image_only": 0}
@@ -266,3 +267,45 @@ def test_load_for_evaluation_returns_every_usable_labeled_row(tmp_path, dirty):
     assert classes == ["A", "B", "C"]
     assert len(records) == 60 + 35 + 22 + 4  # the four convertible images are labeled A
     assert not any(r.id.startswith("bad") for r in records) and all(r.label in classes for r in records)
+
+
+def test_the_split_of_a_fixed_dataset_is_pinned(tmp_path, kit):
+    """The ids below were computed by the clipmed of before streaming sources, worker checks and the Parquet
+    manifest: the same seed on the same data must keep giving the same split."""
+    rows = kit.rows(tmp_path / "src", {"A": 14, "B": 9, "C": 7, "rare": 2, None: 3})
+    path = kit.write("imagefolder", tmp_path / "src", rows)
+    _prepare(path, tmp_path / "out", fields=GROUPED, min_class_count=5, seed=5, n=26)
+    splits = load_prepared(tmp_path / "out").manifest["splits"]
+    ids = lambda *numbers: [f"id{number:04d}" for number in numbers]  # noqa: E731
+    assert splits["val"] == ids(11, 18, 26) and splits["test"] == ids(13, 20, 27)
+    assert splits["train"] == ids(1, 5, 7, 9, 10, 12, 14, 15, 16, 17, 19, 21, 23, 24, 28, 29)
+    assert splits["pool"] == [rid for rid in ids(*range(35)) if rid not in splits["val"] + splits["test"]]
+
+
+def test_strict_refusal_does_not_claim_to_keep_the_row(tmp_path, dirty):
+    path, _ = dirty
+    with pytest.raises(ClipmedError) as info:
+        _prepare(path, tmp_path / "out", strict=True)
+    assert "kept as" not in str(info.value)
+
+
+def test_paths_outside_the_dataset_are_rejected_and_the_policy_recorded(tmp_path, source, kit):
+    path, rows = source
+    outside = kit.save_image(tmp_path / "outside" / "x.png")
+    (path / "images" / "link.png").symlink_to(outside)
+    rows += [dict(rows[0], id="escape", file_name="../outside/x.png"),
+             dict(rows[0], id="absolute", file_name=str(outside)),
+             dict(rows[0], id="link", file_name="images/link.png")]
+    (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = _prepare(path, tmp_path / "out")
+    rejected = {entry["id"]: entry for entry in _rejected(tmp_path / "out")}
+    assert sorted(rejected) == ["absolute", "escape", "link"]
+    assert all(entry["reason"].startswith("image path outside the dataset folder") and
+               entry["uses"] == "text-only" for entry in rejected.values())
+    assert summary["counts"]["rejected"] == {"image path outside the dataset folder": 3}
+    assert load_prepared(tmp_path / "out").manifest["allow_outside_paths"] is False
+    assert [r.id for r in load_prepared(tmp_path / "out").text_only_records()] == ["absolute", "escape", "link"]
+    _prepare(path, tmp_path / "allowed", allow_outside_paths=True)
+    prepared = load_prepared(tmp_path / "allowed")
+    assert prepared.manifest["allow_outside_paths"] is True and not _rejected(tmp_path / "allowed")
+    assert prepared.by_id["escape"].image_path == str(outside)

@@ -20,9 +20,10 @@ class FieldMap:
 class Record:
     """One row of a dataset, source-independent.
 
-    image_path is absolute (or None when the source row names no image); label is the raw value of the
-    label field (cleaning into classes happens in `labels.py`); extra keeps the other scalar fields of the
-    row (e.g. source and license, needed for attribution).
+    image_path is absolute (or None when the source row names no usable image file); label is the raw value
+    of the label field (cleaning into classes happens in `labels.py`); extra keeps the other scalar fields of
+    the row (e.g. source and license, needed for attribution). image_fault says why a named image was refused
+    before anything opened it (a path outside the dataset folder); image_path is then None.
     """
 
     id: str
@@ -31,3 +32,4 @@ class Record:
     label: str | None = None
     group: str | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    image_fault: str | None = None

@@ -1,25 +1,38 @@
-"""Read any of the four supported dataset layouts into `Record`s.
+"""Read any of the supported dataset layouts into `Record`s, one row at a time.
 
 Formats (autodetected from the path when `fmt` is None):
 
 - ``imagefolder``: a folder with ``metadata.jsonl`` (Hugging Face imagefolder layout), or that file itself;
   image paths are relative to the folder.
 - ``pubmedvision``: PubMedVision's JSON list (``id``, ``image`` = list of paths, ``body_part``,
-  ``modality``, ``conversations``); the caption is the first ``gpt`` turn unless ``caption_field``
-  names a real top-level field; image paths are relative to ``image_root`` (else the JSON's folder).
+  ``modality``, ``conversations``), parsed incrementally (the real file is over a GB); the caption is the
+  first ``gpt`` turn unless ``caption_field`` names a real top-level field; image paths are relative to
+  ``image_root`` (else the JSON's folder).
 - ``csv``: CSV or TSV (the separator is read off the header line) with an image-path column and a
   caption column; open_clip's ``filepath``/``title`` are used when the default field names are absent;
   paths are relative to ``image_root`` (else the CSV's folder).
 - ``hf``: a ``datasets`` dataset: a folder written by ``save_to_disk`` or a hub id (``hf:owner/name`` or
   ``owner/name`` when no such path exists). Append ``:SPLIT`` to choose a split of a DatasetDict
-  (default ``train``, or the only split there is). An ``Image`` column is read undecoded: its file is used
-  when it exists, else its bytes are written once to
-  ``${CLIPMED_CACHE:-~/.cache/clipmed}/hf-images/<fingerprint>/<id>.<ext>``. A string column is a path,
-  relative to ``image_root`` (else the dataset folder, or the working directory for a hub id).
+  (default ``train``, or the only split there is). With ``streaming`` a hub id (or a local folder of data
+  files) is read as a stream, never downloaded whole. An ``Image`` column is read undecoded: its file is used
+  when it exists, else its bytes are written once into clipmed's cache folder
+  (``clipmed.cache.cache_dir("hf-images", fingerprint)``). A string column is a path, relative to
+  ``image_root`` (else the dataset folder, or the working directory for a hub id).
+- ``webdataset``: tar shards in open_clip's layout (``shard-{00000..00127}.tar``: braces are expanded, paths
+  relative to the working directory or absolute), read with the ``webdataset`` package. A sample's id is its
+  json's id field, else its ``__key__``; its image the first ``jpg|jpeg|png|webp`` member, its caption the
+  ``txt`` member (else the json's caption field), other fields from the ``json`` member. Its locator is
+  ``shard:key``. Image members are written once into clipmed's cache folder
+  (``cache_dir("wds-images", fingerprint)``, file names made from sanitised keys), so every later step reads
+  them as plain files like any other source's images.
+
+Image paths must resolve (symlinks followed) inside the dataset folder, ``image_root`` or clipmed's cache
+folder; a row whose image lies elsewhere keeps its caption but no image (`Record.image_fault` says why),
+unless ``allow_outside_paths``.
 
 A row missing a value (null caption, null image) still becomes a Record; `split.py` decides what is usable.
-A row that cannot become a Record at all (not an object, a caption that is a list, ...) is listed in
-`LoadedSource.problems`. Rows without an id get the stable id ``row-<index>``.
+A row that cannot become a Record at all (not valid JSON, not UTF-8, not an object, a caption that is a list,
+...) comes out as a `SourceRow` with a problem instead. Rows without an id get the stable id ``row-<index>``.
 """
 
 from __future__ import annotations
@@ -30,38 +43,81 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from clipmed.cache import cache_dir, cache_root
 from clipmed.data.records import FieldMap, Record
-from clipmed.errors import ClipmedError
+from clipmed.errors import ClipmedError, first_line
 from clipmed.io import atomic_write, fingerprint_files
 
-FORMATS = ("imagefolder", "pubmedvision", "csv", "hf")
+FORMATS = ("imagefolder", "pubmedvision", "csv", "hf", "webdataset")
 
 _DEFAULTS = FieldMap()
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _IMAGE_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"),
                 (b"II*\x00", "tif"), (b"MM\x00*", "tif"), (b"RIFF", "webp"))
+_WDS_IMAGES = ("jpg", "jpeg", "png", "webp")
+_PROBE_ROWS = 1000  # rows read up front to check the field options before the first full pass
+
+
+class SourceRow(NamedTuple):
+    """One row as read: its locator (``metadata.jsonl:12``, ``data.json[3]``, ``shard.tar:key``) and either a
+    Record or, for a row that could not be read, the problem."""
+
+    locator: str
+    record: Record | None
+    problem: str | None = None
 
 
 @dataclass
 class LoadedSource:
-    """A dataset read into Records, with what is needed to find it again and to check it did not change.
+    """A dataset opened for reading, with what is needed to find it again and to check it did not change.
 
-    `locators` runs parallel to `records` (``metadata.jsonl:12``, ``data.json[3]``, ``row 7``) so that
-    rejections can point at the row; `problems` holds (locator, reason) for rows that were not parsed.
+    `rows()` streams it (a new pass each call; memory independent of its size). `records`, `locators` and
+    `problems` hold one whole pass, for the commands that want every row in memory.
     """
 
-    records: list[Record]
     format: str
     path: str
     image_root: str | None
     fingerprint: str
-    problems: list[tuple[str, str]] = field(default_factory=list)
-    locators: list[str] = field(default_factory=list)
+    read: Callable[[], Iterator[SourceRow]] = field(repr=False)
+    streaming: bool = False
+    allow_outside_paths: bool = False
+
+    def rows(self) -> Iterator[SourceRow]:
+        """Every row in source order."""
+        return self.read()
+
+    @cached_property
+    def _pass(self) -> tuple[list[Record], list[str], list[tuple[str, str]]]:
+        records, locators, problems = [], [], []
+        for row in self.rows():
+            if row.record is None:
+                problems.append((row.locator, row.problem))
+            else:
+                records.append(row.record)
+                locators.append(row.locator)
+        return records, locators, problems
+
+    @property
+    def records(self) -> list[Record]:
+        return self._pass[0]
+
+    @property
+    def locators(self) -> list[str]:
+        """Parallel to `records`, so that rejections can point at the row."""
+        return self._pass[1]
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """(locator, reason) of the rows that could not be read."""
+        return self._pass[2]
 
 
 class _RowProblem(Exception):
@@ -76,10 +132,68 @@ class _Columns:
     used: frozenset[str]  # kept out of Record.extra
 
 
+class _Keys:
+    """The field names of a source's rows: the first rows' keys, and all rows' only when a name is not among
+    them (so a field that exists is confirmed without a full pass, and a typo still gets the full list)."""
+
+    def __init__(self, rows: Callable[[], Iterable[Any]]) -> None:
+        self._rows = rows
+        self._known = self._union(islice(rows(), _PROBE_ROWS))
+        self._complete = False
+
+    @staticmethod
+    def _union(rows: Iterable[Any]) -> set[str]:
+        keys: set[str] = set()
+        for row in rows:
+            if isinstance(row, dict):
+                keys.update(row)
+        return keys
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known or name in self.all()
+
+    def probed(self, name: str) -> bool:
+        """Whether the first rows have `name` (no full pass: for choices between alternatives)."""
+        return name in self._known
+
+    def all(self) -> set[str]:
+        if not self._complete:
+            self._known |= self._union(self._rows())
+            self._complete = True
+        return self._known
+
+
+class _PathPolicy:
+    """Where image files may live: inside the given roots (symlinks followed) unless outside paths are allowed."""
+
+    def __init__(self, roots: Iterable[str | os.PathLike | None], allow_outside: bool) -> None:
+        self.allow_outside = allow_outside
+        self.roots = tuple(os.path.realpath(root) for root in {*roots, cache_root()} if root)
+        self._real_dirs: dict[str, str] = {}
+
+    def fault(self, path: str) -> str | None:
+        """Why the absolute `path` is refused (None: allowed). Directories are resolved once each."""
+        if self.allow_outside:
+            return None
+        parent, name = os.path.split(path)
+        real_parent = self._real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_parent, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if any(real == root or real.startswith(root + os.sep) for root in self.roots):
+            return None
+        return (f"image path outside the dataset folder: {path} (allowed: the dataset folder, --image-root and "
+                f"clipmed's cache; pass --allow-outside-paths to accept it)")
+
+
 def detect_format(path: str) -> str:
     """Guess the format of `path` (see the module docstring); ClipmedError when it cannot tell."""
     if path.startswith("hf:"):
         return "hf"
+    if path.lower().endswith(".tar") or (".tar" in path.lower() and "{" in path):
+        return "webdataset"
     p = Path(path)
     if p.is_dir():
         if (p / "metadata.jsonl").is_file():
@@ -106,74 +220,90 @@ def detect_format(path: str) -> str:
 
 
 def load_source(path: str, *, fmt: str | None = None, fields: FieldMap = _DEFAULTS,
-                image_root: str | None = None) -> LoadedSource:
-    """Read the dataset at `path` into Records (format autodetected unless `fmt` is given)."""
+                image_root: str | None = None, streaming: bool = False,
+                allow_outside_paths: bool = False) -> LoadedSource:
+    """Open the dataset at `path` for reading (format autodetected unless `fmt` is given).
+
+    The field options are checked here (a ClipmedError names what exists); rows are read by
+    `LoadedSource.rows()`. `streaming` applies to Hugging Face hub ids (and folders of data files).
+    """
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise ClipmedError(f"unknown dataset format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if streaming and fmt != "hf":
+        raise ClipmedError(f"--streaming reads Hugging Face datasets; {path} is a {fmt} source, read as a stream "
+                           f"already: drop --streaming")
     image_root = os.path.abspath(image_root) if image_root else None
     if image_root and not os.path.isdir(image_root):
         raise ClipmedError(f"--image-root {image_root} is not a folder")
+    if fmt == "hf":
+        return _load_hf(path, fields, image_root, streaming, allow_outside_paths)
     loader = {"imagefolder": _load_imagefolder, "pubmedvision": _load_pubmedvision,
-              "csv": _load_csv, "hf": _load_hf}[fmt]
-    return loader(path, fields, image_root)
+              "csv": _load_csv, "webdataset": _load_webdataset}[fmt]
+    return loader(path, fields, image_root, allow_outside_paths)
 
 
 # --- imagefolder --------------------------------------------------------------------------------
 
-def _load_imagefolder(path: str, fields: FieldMap, image_root: str | None) -> LoadedSource:
+def _load_imagefolder(path: str, fields: FieldMap, image_root: str | None, allow_outside: bool) -> LoadedSource:
     given = Path(path)
     meta = given if given.is_file() else given / "metadata.jsonl"
     if not meta.is_file():
         raise ClipmedError(f"{path}: no metadata.jsonl (the imagefolder layout needs one, with one JSON "
                            f"object per image); pass --format if this is another layout")
-    rows = []
-    with open(meta, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{meta.name}:{lineno}", json.loads(line)))
-            except ValueError as exc:  # JSONDecodeError, or a number too long to convert
-                raise ClipmedError(f"{meta}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)}); fix or "
-                                   f"delete that line (metadata.jsonl needs one JSON object per line)") from None
-    columns = _union_keys(row for _, row in rows)
+    rows = lambda: _jsonl_rows(meta)  # noqa: E731
+    columns = _Keys(lambda: (row for _, row in rows()))
     image_col = _require(columns, fields.image_field, "image path", "--image-field", meta)
     caption_col = _require(columns, fields.caption_field, "caption", "--caption-field", meta)
     return _path_and_caption_source(rows, _columns(columns, fields, meta, image_col, caption_col), image_col,
-                                    caption_col, "imagefolder", path, meta, image_root)
+                                    caption_col, "imagefolder", path, meta, image_root, allow_outside)
 
 
-def _path_and_caption_source(rows: list[tuple[str, Any]], cols: "_Columns", image_col: str, caption_col: str,
-                             fmt: str, path: str, file: Path, image_root: str | None) -> LoadedSource:
+def _jsonl_rows(meta: Path) -> Iterator[tuple[str, Any]]:
+    """(locator, object) per non-blank line; a line that is not UTF-8 or not JSON is a _RowProblem."""
+    with open(meta, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            locator = f"{meta.name}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield locator, _RowProblem(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                           f"{exc.start + 1}); save {meta.name} as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield locator, json.loads(line)
+            except ValueError as exc:  # JSONDecodeError, or a number too long to convert
+                yield locator, _RowProblem(f"not valid JSON ({getattr(exc, 'msg', exc)})")
+
+
+def _path_and_caption_source(rows: Callable[[], Iterable[tuple[str, Any]]], cols: _Columns, image_col: str,
+                             caption_col: str, fmt: str, path: str, file: Path, image_root: str | None,
+                             allow_outside: bool) -> LoadedSource:
     """A source whose rows name an image path (relative to image_root, else the file's folder) and a caption."""
-    base = image_root or str(file.parent.resolve())
-    records, locators, problems = _build(
-        rows, cols,
-        image_of=lambda row, _id: _path_value(row.get(image_col), base),
-        caption_of=lambda row: _text(row.get(caption_col), "caption"))
-    return LoadedSource(records, fmt, os.path.abspath(path), image_root, fingerprint_files([file]), problems, locators)
+    folder = str(file.parent.resolve())
+    base = image_root or folder
+
+    def read() -> Iterator[SourceRow]:
+        return _records(rows(), cols, _PathPolicy((folder, image_root), allow_outside),
+                        image_of=lambda row, _id: _path_value(row.get(image_col), base),
+                        caption_of=lambda row: _text(row.get(caption_col), "caption"))
+
+    return LoadedSource(fmt, os.path.abspath(path), image_root, fingerprint_files([file]), read,
+                        allow_outside_paths=allow_outside)
 
 
 # --- PubMedVision -------------------------------------------------------------------------------
 
-def _load_pubmedvision(path: str, fields: FieldMap, image_root: str | None) -> LoadedSource:
+def _load_pubmedvision(path: str, fields: FieldMap, image_root: str | None, allow_outside: bool) -> LoadedSource:
     file = Path(path)
     if not file.is_file():
         raise ClipmedError(f"{path}: not a file (PubMedVision data is one JSON file)")
-    with open(file, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ClipmedError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg}); "
-                               f"PubMedVision data is one JSON list of records") from None
-        except ValueError as exc:  # a number too long to convert
-            raise ClipmedError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(data, list):
-        raise ClipmedError(f"{file}: expected a JSON list of records (the PubMedVision layout), "
-                           f"found a JSON {type(data).__name__}")
-    rows = [(f"{file.name}[{index}]", row) for index, row in enumerate(data)]
-    columns = _union_keys(data)
+    rows = lambda: _json_list_items(file)  # noqa: E731
+    columns = _Keys(lambda: (row for _, row in rows()))
     # PubMedVision names its fields `image` and `conversations`; they stand in for the FieldMap
     # defaults when the file has no field of the default name.
     image_col = _default_or(columns, fields.image_field, _DEFAULTS.image_field, "image")
@@ -185,12 +315,35 @@ def _load_pubmedvision(path: str, fields: FieldMap, image_root: str | None) -> L
     else:
         caption_of = lambda row: _text(row.get(caption_col), "caption")  # noqa: E731
     cols = _columns(columns, fields, file, image_col, caption_col)
-    base = image_root or str(file.parent.resolve())
-    records, locators, problems = _build(
-        rows, cols, image_of=lambda row, _id: _path_value(_first(row.get(image_col)), base),
-        caption_of=caption_of)
-    return LoadedSource(records, "pubmedvision", os.path.abspath(path), image_root,
-                        fingerprint_files([file]), problems, locators)
+    folder = str(file.parent.resolve())
+    base = image_root or folder
+
+    def read() -> Iterator[SourceRow]:
+        return _records(rows(), cols, _PathPolicy((folder, image_root), allow_outside),
+                        image_of=lambda row, _id: _path_value(_first(row.get(image_col)), base),
+                        caption_of=caption_of)
+
+    return LoadedSource("pubmedvision", os.path.abspath(path), image_root, fingerprint_files([file]), read,
+                        allow_outside_paths=allow_outside)
+
+
+def _json_list_items(file: Path) -> Iterator[tuple[str, Any]]:
+    """(locator, item) for each element of the top-level JSON list, parsed incrementally with ijson."""
+    import ijson  # only for this format
+
+    with open(file, "rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head and not head.startswith(b"["):
+            raise ClipmedError(f"{file}: expected a JSON list of records (the PubMedVision layout), found "
+                               f"a JSON {'object' if head.startswith(b'{') else 'value'}")
+        handle.seek(0)
+        index = -1
+        try:
+            for index, item in enumerate(ijson.items(handle, "item", use_float=True)):
+                yield f"{file.name}[{index}]", item
+        except ijson.JSONError as exc:
+            raise ClipmedError(f"{file}: not valid JSON after record {index} ({first_line(exc)}); PubMedVision "
+                               f"data is one JSON list of records") from None
 
 
 def _first(value: Any) -> Any:
@@ -213,87 +366,132 @@ def _gpt_turn(conversations: Any) -> str | None:
 
 # --- CSV / TSV ----------------------------------------------------------------------------------
 
-def _load_csv(path: str, fields: FieldMap, image_root: str | None) -> LoadedSource:
+def _load_csv(path: str, fields: FieldMap, image_root: str | None, allow_outside: bool) -> LoadedSource:
     file = Path(path)
     if not file.is_file():
         raise ClipmedError(f"{path}: not a file")
-    rows: list[tuple[str, Any]] = []
-    with open(file, newline="", encoding="utf-8-sig") as handle:
-        first_line = handle.readline()
-        handle.seek(0)
-        # open_clip writes tab-separated files named .csv, so the header decides, not the suffix.
-        delimiter = "\t" if first_line.count("\t") > first_line.count(",") else ","
-        reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, [])
-        line = reader.line_num
-        for values in reader:
-            locator, line = f"{file.name}:{line + 1}", reader.line_num
-            if not values:
-                continue
-            if len(values) > len(header):
-                rows.append((locator, _RowProblem(f"{len(values)} fields but the header has {len(header)}")))
-            else:
-                rows.append((locator, dict(zip(header, values + [None] * (len(header) - len(values))))))
+    header, delimiter = _csv_header(file)
     columns = set(header)
     image_col = _default_or(columns, fields.image_field, _DEFAULTS.image_field, "filepath")
     caption_col = _default_or(columns, fields.caption_field, _DEFAULTS.caption_field, "title")
     _require(columns, image_col, "image path", "--image-field", file)
     _require(columns, caption_col, "caption", "--caption-field", file)
-    return _path_and_caption_source(rows, _columns(columns, fields, file, image_col, caption_col), image_col,
-                                    caption_col, "csv", path, file, image_root)
+    return _path_and_caption_source(lambda: _csv_rows(file, header, delimiter),
+                                    _columns(columns, fields, file, image_col, caption_col), image_col,
+                                    caption_col, "csv", path, file, image_root, allow_outside)
+
+
+def _open_csv(file: Path):
+    # surrogateescape: bytes that are not UTF-8 survive decoding, so the row holding them can be skipped
+    return open(file, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _csv_header(file: Path) -> tuple[list[str], str]:
+    with _open_csv(file) as handle:
+        first_line_text = handle.readline()
+        handle.seek(0)
+        # open_clip writes tab-separated files named .csv, so the header decides, not the suffix.
+        delimiter = "\t" if first_line_text.count("\t") > first_line_text.count(",") else ","
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    if not all(_is_unicode(name) for name in header):
+        raise ClipmedError(f"{file}:1: the header line is not UTF-8 text; save the file as UTF-8")
+    return header, delimiter
+
+
+def _csv_rows(file: Path, header: list[str], delimiter: str) -> Iterator[tuple[str, Any]]:
+    with _open_csv(file) as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        next(reader, None)
+        line = reader.line_num
+        for values in reader:
+            locator, line = f"{file.name}:{line + 1}", reader.line_num
+            if not values:
+                continue
+            if not all(_is_unicode(value) for value in values):
+                yield locator, _RowProblem(f"not UTF-8 text; save {file.name} as UTF-8")
+            elif len(values) > len(header):
+                yield locator, _RowProblem(f"{len(values)} fields but the header has {len(header)}")
+            else:
+                yield locator, dict(zip(header, values + [None] * (len(header) - len(values))))
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates (undecodable bytes, or JSON escapes no file can store)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------
 
-def _load_hf(path: str, fields: FieldMap, image_root: str | None) -> LoadedSource:
+def _load_hf(path: str, fields: FieldMap, image_root: str | None, streaming: bool,
+             allow_outside: bool) -> LoadedSource:
     import datasets  # heavy import, only for this format
 
     name, split, local = _parse_hf(path)
     try:
-        if local:
+        if streaming:
+            obj = datasets.load_dataset(name, split=split or "train", streaming=True)
+            split = split or "train"
+        elif local:
             obj = datasets.load_from_disk(name)
         else:
             obj = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types (not found, offline, bad folder)
         where = name if local else f"Hugging Face dataset '{name}'"
-        raise ClipmedError(f"could not load {where}: {type(exc).__name__}: {exc}") from None
+        raise ClipmedError(f"could not load {where}: {type(exc).__name__}: {first_line(exc)}") from None
     if isinstance(obj, datasets.DatasetDict):
         names = list(obj)
         chosen = split or ("train" if "train" in obj else (names[0] if len(names) == 1 else ""))
         if chosen not in obj:
             raise ClipmedError(f"{path}: choose a split as {path}:SPLIT (splits: {', '.join(names)})")
         ds, split = obj[chosen], chosen
-    elif split and local:
+    elif split and local and not streaming:
         raise ClipmedError(f"{path}: {name} is a single dataset without splits; drop ':{split}'")
     else:
         ds = obj
     spec = (name if local else f"hf:{name}") + (f":{split}" if split else "")
-
-    columns = set(ds.column_names)
     where = name if local else f"hf:{name}"
+
+    if streaming:
+        fingerprint = (fingerprint_files(_data_files(name)) if local
+                       else _hub_fingerprint(name, split))
+        rows = lambda: ((f"row {index}", row) for index, row in enumerate(ds))  # noqa: E731
+        columns: Any = set(ds.column_names) if ds.column_names else _Keys(lambda: (row for _, row in rows()))
+    else:
+        cache_files = [entry["filename"] for entry in ds.cache_files]
+        fingerprint = fingerprint_files(cache_files) if cache_files else ds._fingerprint
+        rows = lambda: _hf_rows(ds)  # noqa: E731
+        columns = set(ds.column_names)
     # Datasets built by `datasets` itself (imagefolder, hub) name their Image column `image`.
     image_col = _default_or(columns, fields.image_field, _DEFAULTS.image_field, "image")
     _require(columns, image_col, "image", "--image-field", where)
     caption_col = _require(columns, fields.caption_field, "caption", "--caption-field", where)
     cols = _columns(columns, fields, where, image_col, caption_col)
 
-    cache_files = [entry["filename"] for entry in ds.cache_files]
-    fingerprint = fingerprint_files(cache_files) if cache_files else ds._fingerprint
-    feature = ds.features[image_col]
-    base = image_root or (name if local else os.getcwd())
+    feature = ds.features[image_col] if ds.features and image_col in ds.features else None
+    folder = name if local else os.getcwd()
+    base = image_root or folder
+    policy = _PathPolicy((folder, image_root), allow_outside)
     if isinstance(feature, datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
-        cache_dir = _cache_root() / "hf-images" / fingerprint
-        image_of = lambda row, rec_id: _hf_image(row.get(image_col), rec_id, base, cache_dir)  # noqa: E731
-    elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        images = cache_dir("hf-images", fingerprint)
+        image_of = lambda row, rec_id: _hf_image(row.get(image_col), rec_id, base, images, policy)  # noqa: E731
+    elif feature is None or (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         image_of = lambda row, _id: _path_value(row.get(image_col), base)  # noqa: E731
     else:
         raise ClipmedError(f"{where}: column '{image_col}' holds {feature}, not images or file paths; "
                            f"pass --image-field with the image column")
-    records, locators, problems = _build(
-        _hf_rows(ds), cols, image_of=image_of,
-        caption_of=lambda row: _text(row.get(caption_col), "caption"))
-    return LoadedSource(records, "hf", spec, image_root, fingerprint, problems, locators)
+
+    def read() -> Iterator[SourceRow]:
+        return _records(rows(), cols, policy, image_of=image_of, caption_of=lambda row: _text(row.get(caption_col), "caption"))
+
+    return LoadedSource("hf", spec, image_root, fingerprint, read, streaming=streaming,
+                        allow_outside_paths=allow_outside)
 
 
 def _parse_hf(path: str) -> tuple[str, str | None, bool]:
@@ -311,7 +509,25 @@ def _parse_hf(path: str) -> tuple[str, str | None, bool]:
     raise ClipmedError(f"{path}: no such folder, and not a Hugging Face dataset id (owner/name[:split])")
 
 
-def _hf_rows(ds: Any) -> Iterable[tuple[str, dict]]:
+def _data_files(folder: str) -> list[Path]:
+    """The files of a local data folder read by streaming, in a fixed order (hidden files left out)."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _hub_fingerprint(name: str, split: str | None) -> str:
+    """A hub dataset streamed is named by its commit: the same revision streams the same rows."""
+    from huggingface_hub import HfApi
+
+    try:
+        revision = HfApi().dataset_info(name).sha
+    except Exception as exc:  # offline, not found, gated: all say the same to the user
+        raise ClipmedError(f"could not look up Hugging Face dataset '{name}': {type(exc).__name__}: "
+                           f"{first_line(exc)}") from None
+    return hashlib.sha256(f"hf:{name}:{split}@{revision}".encode()).hexdigest()
+
+
+def _hf_rows(ds: Any) -> Iterator[tuple[str, dict]]:
     index = 0
     for batch in ds.iter(batch_size=512):
         names = list(batch)
@@ -320,85 +536,158 @@ def _hf_rows(ds: Any) -> Iterable[tuple[str, dict]]:
             index += 1
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("CLIPMED_CACHE") or "~/.cache/clipmed").expanduser()
-
-
-def _hf_image(value: Any, rec_id: str, base: str, cache_dir: Path) -> str | None:
-    """A local file for an undecoded Image value: its own path when that exists, else cached bytes."""
+def _hf_image(value: Any, rec_id: str, base: str, images: Path, policy: _PathPolicy) -> str | None:
+    """A local file for an undecoded Image value: its own path when that exists where images may be read,
+    else its bytes, cached."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise _RowProblem("image value is not an Image feature")
     original = value.get("path")
-    if original:
-        candidate = os.path.join(base, original)
-        if os.path.isfile(candidate):
-            return os.path.abspath(candidate)
     data = value.get("bytes")
+    if original:
+        candidate = os.path.abspath(os.path.join(base, original))
+        if os.path.isfile(candidate) and not (data and policy.fault(candidate)):
+            return candidate
     if not data:
         return _path_value(original, base)  # a dangling path: validation reports it as missing
     suffix = Path(original).suffix.lower().lstrip(".") if original else ""
+    return _materialise(images, rec_id, suffix, data)
+
+
+def _materialise(folder: Path, name: str, suffix: str, data: bytes) -> str:
+    """Write image bytes once per cache entry (atomically) under a sanitised name; return the file's path."""
     ext = suffix or next((ext for magic, ext in _IMAGE_MAGIC if data.startswith(magic)), "img")
-    target = cache_dir / f"{_safe_name(rec_id)}.{ext}"
-    if not target.is_file():  # written once per dataset fingerprint, then reused
+    target = folder / f"{_safe_name(name)}.{ext}"
+    if not target.is_file():
         atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
     return str(target)
 
 
 def _safe_name(rec_id: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", rec_id)[:100]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", rec_id)[:100].lstrip(".") or "_"
     if safe != rec_id:  # keep distinct ids distinct after the substitution
         safe += "-" + hashlib.sha256(rec_id.encode()).hexdigest()[:10]
     return safe
 
 
+# --- webdataset ---------------------------------------------------------------------------------
+
+def _load_webdataset(path: str, fields: FieldMap, image_root: str | None, allow_outside: bool) -> LoadedSource:
+    import braceexpand  # a dependency of webdataset
+
+    shards = [shard for part in path.split("::") for shard in braceexpand.braceexpand(part)]
+    missing = [shard for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        raise ClipmedError(f"{path}: {len(missing)} of {len(shards)} shards are not files (e.g. {missing[0]}); "
+                           f"shard paths are relative to the working directory or absolute")
+    fingerprint = fingerprint_files(shards)
+    images = cache_dir("wds-images", fingerprint)
+    rows = lambda: _wds_rows(shards, images)  # noqa: E731
+    columns = _Keys(lambda: (row for _, row in rows()))
+    cols = _columns(columns, fields, path, "__image__", fields.caption_field)
+    caption_field = fields.caption_field
+
+    def read() -> Iterator[SourceRow]:
+        return _records(rows(), cols, _PathPolicy((image_root,), allow_outside),
+                        image_of=lambda row, _id: row.get("__image__"),
+                        caption_of=lambda row: _text(row["__caption__"] if row.get("__caption__") is not None
+                                                     else row.get(caption_field), "caption"),
+                        key="__key__")
+
+    return LoadedSource("webdataset", path, image_root, fingerprint, read, allow_outside_paths=allow_outside)
+
+
+def _wds_rows(shards: list[str], images: Path) -> Iterator[tuple[str, Any]]:
+    """(``shard:key``, row) per sample: the json's fields plus __key__, __caption__ and __image__ (the image
+    member materialised as a file). An unreadable shard or member is a _RowProblem."""
+    from webdataset.tariterators import tarfile_samples
+
+    for number, shard in enumerate(shards):
+        errors: list[BaseException] = []
+
+        def keep_going(exc: BaseException) -> bool:
+            errors.append(exc)
+            return True
+
+        def problems() -> Iterator[tuple[str, Any]]:
+            while errors:
+                exc = errors.pop(0)
+                message = str(exc.args[0]) if exc.args else type(exc).__name__
+                yield shard, _RowProblem(f"unreadable tar data: {message.splitlines()[0] if message else ''}")
+
+        for sample in tarfile_samples([{"url": shard}], handler=keep_going):
+            yield from problems()
+            yield f"{shard}:{sample['__key__']}", _wds_row(sample, number, images)
+        yield from problems()
+
+
+def _wds_row(sample: dict, shard_number: int, images: Path) -> dict | _RowProblem:
+    row: dict[str, Any] = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except ValueError as exc:  # also UnicodeDecodeError
+            return _RowProblem(f"json member is not valid UTF-8 JSON ({first_line(exc)})")
+        if not isinstance(meta, dict):
+            return _RowProblem("json member is not an object")
+        row.update(meta)
+    key = sample["__key__"]
+    row["__key__"] = key
+    if "txt" in sample:
+        try:
+            row["__caption__"] = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return _RowProblem("txt member is not UTF-8 text")
+    suffix = next((ext for ext in _WDS_IMAGES if ext in sample), None)
+    if suffix is not None:
+        row["__image__"] = _materialise(images, f"{shard_number}-{key}", suffix, sample[suffix])
+    return row
+
+
 # --- shared row handling ------------------------------------------------------------------------
 
-def _union_keys(rows: Iterable[Any]) -> set[str]:
-    keys: set[str] = set()
-    for row in rows:
-        if isinstance(row, dict):
-            keys.update(row)
-    return keys
+def _seen(columns: Any, name: str) -> bool:
+    """Whether the source has field `name`, judged on the first rows of a streamed source."""
+    return columns.probed(name) if isinstance(columns, _Keys) else name in columns
 
 
-def _default_or(columns: set[str], name: str, default: str, alternative: str) -> str:
+def _default_or(columns: Any, name: str, default: str, alternative: str) -> str:
     """`alternative` (a layout's own name for a field) when the default field name is absent."""
-    if name not in columns and name == default and alternative in columns:
+    if name == default and not _seen(columns, name) and _seen(columns, alternative):
         return alternative
     return name
 
 
-def _require(columns: set[str], name: str, role: str, option: str, where: Any) -> str:
+def _require(columns: Any, name: str, role: str, option: str, where: Any) -> str:
     """`name` when the source has that field, else a ClipmedError that says what exists and what to pass.
 
     A source without any row has no fields to check; it fails later for having nothing usable.
     """
-    if name in columns or not columns:
+    if name in columns:
         return name
-    present = ", ".join(sorted(columns)) or "none"
-    raise ClipmedError(f"{where}: no field '{name}' for the {role} (fields: {present}); "
+    present = set(columns.all() if isinstance(columns, _Keys) else columns)
+    if not present:
+        return name
+    raise ClipmedError(f"{where}: no field '{name}' for the {role} (fields: {', '.join(sorted(present))}); "
                        f"pass {option} with the field that holds it")
 
 
-def _columns(columns: set[str], fields: FieldMap, where: Any, image_col: str, caption_col: str) -> _Columns:
+def _columns(columns: Any, fields: FieldMap, where: Any, image_col: str, caption_col: str) -> _Columns:
     label = group = None
     if fields.label_field is not None:
         label = _require(columns, fields.label_field, "label", "--label-field", where)
     if fields.group_field is not None:
         group = _require(columns, fields.group_field, "group", "--group-field", where)
-    id_col = fields.id_field if fields.id_field in columns else None
+    id_col = fields.id_field if _seen(columns, fields.id_field) else None
     used = frozenset(c for c in (id_col, label, group, image_col, caption_col) if c)
     return _Columns(id_col, label, group, used)
 
 
-def _build(rows: Iterable[tuple[str, Any]], cols: _Columns,
-           image_of: Callable[[dict, str], str | None],
-           caption_of: Callable[[dict], str | None]) -> tuple[list[Record], list[str], list[tuple[str, str]]]:
-    records: list[Record] = []
-    locators: list[str] = []
-    problems: list[tuple[str, str]] = []
+def _records(rows: Iterable[tuple[str, Any]], cols: _Columns, paths: _PathPolicy,
+             image_of: Callable[[dict, str], str | None], caption_of: Callable[[dict], str | None],
+             key: str | None = None) -> Iterator[SourceRow]:
+    """SourceRows from (locator, raw row) pairs; `key` names a fallback id field (webdataset's __key__)."""
     for index, (locator, row) in enumerate(rows):
         try:
             if isinstance(row, _RowProblem):
@@ -406,36 +695,35 @@ def _build(rows: Iterable[tuple[str, Any]], cols: _Columns,
             if not isinstance(row, dict):
                 raise _RowProblem("row is not an object")
             rec_id = _text(row.get(cols.id), "id") if cols.id else None
-            rec_id = rec_id if rec_id else f"row-{index}"
+            rec_id = rec_id or (row[key] if key else f"row-{index}")
+            image = image_of(row, rec_id)
+            fault = paths.fault(image) if image else None
             record = Record(
                 id=rec_id,
-                image_path=image_of(row, rec_id),
+                image_path=None if fault else image,
                 caption=caption_of(row),
                 label=_label_text(row.get(cols.label), "label") if cols.label else None,
                 group=_label_text(row.get(cols.group), "group") if cols.group else None,
-                extra={k: v for k, v in row.items() if k not in cols.used and _is_scalar(v)},
+                extra={k: v for k, v in row.items()
+                       if k not in cols.used and not k.startswith("__") and _is_scalar(v)},
+                image_fault=fault,
             )
         except _RowProblem as exc:
-            problems.append((locator, str(exc)))
+            yield SourceRow(locator, None, str(exc))
             continue
-        records.append(record)
-        locators.append(locator)
-    return records, locators, problems
+        yield SourceRow(locator, record)
 
 
 def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
+    return value is None or (isinstance(value, (int, float, bool))) or (isinstance(value, str) and _is_unicode(value))
 
 
 def _text(value: Any, what: str) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, str):
-        if not value.isascii():
-            try:  # JSON escapes can smuggle in lone surrogates, which no file can store
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _RowProblem(f"{what} is not valid Unicode") from None
+        if not _is_unicode(value):
+            raise _RowProblem(f"{what} is not valid Unicode")
         return value
     if isinstance(value, (int, float, bool)):
         return str(value)

@@ -57,6 +57,7 @@ HELD_OUT_FRACTION = Fraction(1, 10)  # of the sample, for val and for test each
 MIN_ROWS_PER_CLASS = 3  # one each for train, val and test
 TEXT_ONLY = "text-only"
 IMAGE_ONLY = "image-only"
+_KEPT = {TEXT_ONLY: " (kept as a text-only row)", IMAGE_ONLY: " (kept as an image-only row)"}  # said in rejected.jsonl
 _DEFAULT_FIELDS = FieldMap()
 
 
@@ -87,7 +88,7 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
         if strict:
             raise ClipmedError(f"{locator}: {reason} (--strict stops at the first unusable row; "
                                f"without it such rows are listed in rejected.jsonl and skipped)")
-        rejected.append({"id": rec_id, "locator": locator, "reason": reason, "uses": uses})
+        rejected.append({"id": rec_id, "locator": locator, "reason": reason + _KEPT.get(uses, ""), "uses": uses})
         counts[kind] += 1
 
     for locator, problem in loaded.problems:
@@ -109,15 +110,15 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
         first_seen[record.id] = locator
         caption_fault = ("missing caption" if record.caption is None
                          else "empty caption" if not record.caption.strip() else None)
-        image_fault = image_faults[record.image_path] if record.image_path else "no image path"
+        image_fault = (record.image_fault or (image_faults[record.image_path] if record.image_path
+                                              else "no image path"))
         if caption_fault and image_fault:
             reject(record.id, locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
         elif caption_fault:
-            reject(record.id, locator, caption_fault, f"{caption_fault} (kept as an image-only row)", IMAGE_ONLY)
+            reject(record.id, locator, caption_fault, caption_fault, IMAGE_ONLY)
             image_only.append(index)
         elif image_fault:
-            reject(record.id, locator, image_fault.split(":")[0],
-                   f"{image_fault} (kept as a text-only row)", TEXT_ONLY)
+            reject(record.id, locator, image_fault.split(":")[0], image_fault, TEXT_ONLY)
             text_only.append(index)
         else:
             usable.append(index)
@@ -331,7 +332,7 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
             fields: FieldMap = _DEFAULT_FIELDS, image_root: str | None = None,
             classes: Sequence[str] | None = None, min_class_count: int = DEFAULT_MIN_CLASS_COUNT,
             n: int = 4096, seed: int = 0, strict: bool = False, check_images: bool = True,
-            progress: bool = True) -> dict:
+            streaming: bool = False, allow_outside_paths: bool = False, progress: bool = True) -> dict:
     """Validate and split a dataset; write ``out_dir/split.json`` and ``out_dir/rejected.jsonl``.
 
     Returns a summary: output paths, classes, split sizes, counts (as in split.json), warnings, seconds.
@@ -339,7 +340,8 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
     started = time.perf_counter()
     if n < 1:
         raise ClipmedError(f"--n must be at least 1, not {n}")
-    loaded = load_source(source_path, fmt=fmt, fields=fields, image_root=image_root)
+    loaded = load_source(source_path, fmt=fmt, fields=fields, image_root=image_root, streaming=streaming,
+                         allow_outside_paths=allow_outside_paths)
     checked = validate(loaded, strict=strict, check_images=check_images, progress=progress)
     records = loaded.records
     class_list, labels = _classes_of(loaded, checked, fields, classes, min_class_count)
@@ -371,7 +373,8 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": {"path": loaded.path, "format": loaded.format, "image_root": loaded.image_root,
-                   "fingerprint": loaded.fingerprint},
+                   "fingerprint": loaded.fingerprint, "streaming": loaded.streaming},
+        "allow_outside_paths": loaded.allow_outside_paths,
         "fields": dataclasses.asdict(fields),
         "seed": seed,
         "n": n,
@@ -477,8 +480,10 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
         raise ClipmedError(f"{path}: split format version {manifest.get('format_version')}, this clipmed "
                            f"reads version {FORMAT_VERSION}; re-run `clipmed prepare`")
     source = manifest["source"]
+    # Manifests written before the path policy existed accepted every path: they keep meaning that.
     loaded = load_source(source["path"], fmt=source["format"], fields=FieldMap(**manifest["fields"]),
-                         image_root=source["image_root"])
+                         image_root=source["image_root"], streaming=source.get("streaming", False),
+                         allow_outside_paths=manifest.get("allow_outside_paths", True))
     if loaded.fingerprint != source["fingerprint"]:
         raise ClipmedError(f"{source['path']} changed since `clipmed prepare` wrote {path}; re-run prepare "
                            f"to split the current data")
@@ -502,12 +507,14 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
 def load_for_evaluation(source: str, *, fmt: str | None = None, fields: FieldMap = _DEFAULT_FIELDS,
                         image_root: str | None = None, classes: Sequence[str] | None = None,
                         min_class_count: int = DEFAULT_MIN_CLASS_COUNT, check_images: bool = True,
+                        streaming: bool = False, allow_outside_paths: bool = False,
                         progress: bool = False) -> tuple[list[Record], list[str]]:
     """Every usable labeled row of a dataset that was never prepared, with the classes (source order).
 
     Rows are validated exactly as in `prepare`; unlabeled and rejected rows are left out.
     """
-    loaded = load_source(source, fmt=fmt, fields=fields, image_root=image_root)
+    loaded = load_source(source, fmt=fmt, fields=fields, image_root=image_root, streaming=streaming,
+                         allow_outside_paths=allow_outside_paths)
     checked = validate(loaded, check_images=check_images, progress=progress)
     class_list, labels = _classes_of(loaded, checked, fields, classes, min_class_count)
     records = [dataclasses.replace(loaded.records[i], label=label, group=strip_label(loaded.records[i].group))
