@@ -14,8 +14,6 @@ and `load_index` refuses embeddings whose checksum is not the one index.json nam
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from .evaluation.zeroshot import DEFAULT_TEMPLATE, class_embeddings, zero_shot_s
 from .io import atomic_write, read_json, sha256_file, write_json_atomic
 from .locking import FileLock
 from .models import ClipModel
+from .models.base import model_fingerprint
 
 Kinds = Literal["images", "texts", "both"]
 INDEX_JSON = "index.json"
@@ -45,16 +44,6 @@ INDEX_FORMAT = 2  # 1: a fixed embeddings.npy without checksum (a killed rebuild
 def model_reference(spec: str) -> str:
     """How an index names its model: a folder as an absolute path, a spec string as given."""
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
-
-
-def model_fingerprint(model: ClipModel) -> str:
-    """SHA-256 over the family, the image preprocessing and every weight's name and bytes: equal fingerprints give
-    equal embeddings, wherever the model's folder lives."""
-    digest = hashlib.sha256(json.dumps([model.family, model.preprocess.to_dict()], sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def image_record(path: str) -> Record:

@@ -53,10 +53,12 @@ def _readable(model: ClipModel, records: Sequence[Record]) -> tuple[list[Record]
 
 
 def zero_shot_metrics(model: ClipModel, image_embeddings: torch.Tensor, labels: np.ndarray, classes: Sequence[str],
-                      templates: Sequence[str], config: EvalConfig) -> tuple[dict, np.ndarray]:
+                      templates: Sequence[str], config: EvalConfig, *,
+                      words: Sequence[str] | None = None) -> tuple[dict, np.ndarray]:
     """The evaluate JSON for zero-shot classification with one template or an ensemble of several, and the
-    class scores [N, C] it was computed from."""
-    weights = class_embeddings(model, classes, templates, precision=config.precision)
+    class scores [N, C] it was computed from. `words` are what each class puts in the prompt (default: its name;
+    a benchmark suite's `class_prompts`)."""
+    weights = class_embeddings(model, words or classes, templates, precision=config.precision)
     scores = zero_shot_scores(image_embeddings, weights).numpy()
     result = classification_metrics(scores, labels, list(classes), n_boot=config.n_boot, seed=config.seed)
     if len(templates) == 1:

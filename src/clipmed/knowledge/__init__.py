@@ -6,7 +6,7 @@ mention the same findings are not pushed apart as false negatives.
 
 from clipmed.knowledge.coverage import coverage, format_coverage
 from clipmed.knowledge.extract import ENTITY_SOURCES, ConceptExtractor, Mention, extract, label_vector
-from clipmed.knowledge.prompts import load_templates
+from clipmed.knowledge.prompts import check_template, load_templates
 from clipmed.knowledge.vocabulary import GROUPS, Concept, Vocabulary
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ConceptExtractor",
     "Mention",
     "Vocabulary",
+    "check_template",
     "coverage",
     "extract",
     "format_coverage",

@@ -1,8 +1,9 @@
 """Prompt templates for zero-shot classification with prompt ensembles (``resources/prompts.yaml``).
 
 Templates are keyed by the kind of label field they describe (``body_part``, ``modality``); any other field
-uses ``default``. The first template of each list is the single prompt of the MedCLIP/CLIP papers,
-"A medical image of {label}", so a one-prompt run and the first member of an ensemble agree.
+uses ``default``. The first template of each of these lists is the single prompt of the MedCLIP/CLIP papers,
+"A medical image of {label}", so a one-prompt run and the first member of an ensemble agree. Multi-label
+findings use ``finding`` (positive prompts) against ``no_finding`` (negative prompts, in the same order).
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ def load_templates(label_field: str, path: str | Path | None = None) -> list[str
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
         raise ClipmedError(f"prompt template file {source}: {key!r} must be a non-empty list of strings")
     for t in templates:
-        fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
-        if fields != ["label"]:
-            raise ClipmedError(f"prompt template {t!r} in {source} must contain exactly one {{label}} and no other fields")
+        check_template(t, source)
     return list(templates)
+
+
+def check_template(template: str, source: str) -> None:
+    """A ClipmedError naming `source` unless `template` has exactly one ``{label}`` and no other field."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:  # an unmatched brace
+        fields = []
+    if fields != ["label"]:
+        raise ClipmedError(f"prompt template {template!r} in {source} must contain exactly one {{label}} and no other "
+                           "fields")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -204,3 +206,13 @@ class ClipModel(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
+
+
+def model_fingerprint(model: ClipModel) -> str:
+    """SHA-256 over the family, the image preprocessing and every weight's name and bytes: equal fingerprints give
+    equal embeddings, wherever the model's folder lives (search indexes and the embedding cache key on it)."""
+    digest = hashlib.sha256(json.dumps([model.family, model.preprocess.to_dict()], sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
