@@ -224,6 +224,32 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"mean_R@1={result['retrieval']['mean_recall_at_1']:.3f}")
 
 
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .evaluation.benchmark import BenchmarkConfig, load_suite, model_names, run_benchmark
+    from .io import write_json_atomic
+    from .locking import FileLock
+    from .report.benchmark import BENCHMARK_MD, write_benchmark_report
+
+    suite = load_suite(args.suite)
+    models = model_names(args.model)
+    config = BenchmarkConfig(n_boot=args.n_boot, seed=args.seed, precision=args.precision, batch_size=args.batch_size,
+                             calibrate=args.calibrate, label_sep=args.label_sep, cache=not args.no_cache)
+    out = Path(args.out)
+    with FileLock(out, what="benchmark"):
+        result = run_benchmark(models, suite, config, device=args.device, trust_remote_code=args.trust_remote_code,
+                               progress=True)
+        write_json_atomic(out / "benchmark.json", result)
+        write_benchmark_report(out, result)
+    for name in models:
+        parts = []
+        for key, value in result["average"][name].items():
+            if value is not None:
+                lo, hi = value["ci95"]
+                parts.append(f"{key} {100 * value['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+        print(f"{name}: " + "; ".join(parts))
+    print(f"report: {out / BENCHMARK_MD}")
+
+
 def cmd_entities(args: argparse.Namespace) -> None:
     from .data.sources import load_source
     from .knowledge import ConceptExtractor, Vocabulary, coverage, format_coverage
@@ -421,6 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p, objective=False)
     p.set_defaults(func=cmd_sweep)
 
+    p = commands.add_parser("benchmark", help="zero-shot scores of several models on every dataset of a suite")
+    p.add_argument("--model", nargs="+", action="extend", required=True, metavar="[NAME=]MODEL",
+                   help="run folders, saved models or specs; NAME= sets the column name (default: the folder's name)")
+    p.add_argument("--suite", required=True, help="a suite YAML (configs/roco-suite.yaml shows the keys)")
+    p.add_argument("--out", required=True, help="folder for benchmark.json, benchmark.md and benchmark.html")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on each dataset's val split and report the ECE before and after")
+    p.add_argument("--label-sep", help="delimiter of multilabel fields held as text (datasets may set label_sep)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true", help="embed every image again instead of using the cache")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    p.set_defaults(func=cmd_benchmark)
+
     p = commands.add_parser("entities", help="concept coverage of a dataset's captions (knowledge extraction)")
     p.add_argument("data")
     p.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
@@ -490,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What each command is doing, for the out-of-memory message.
 _ACTIVITY = {"prepare": "preparing the data", "train": "training", "evaluate": "evaluating", "sweep": "running the sweep",
-             "reproduce": "running reproduce", "entities": "extracting entities", "predict": "predicting",
-             "embed": "embedding", "index": "indexing", "search": "searching", "export": "exporting"}
+             "benchmark": "benchmarking", "reproduce": "running reproduce", "entities": "extracting entities",
+             "predict": "predicting", "embed": "embedding", "index": "indexing", "search": "searching", "export": "exporting"}
 # Messages of allocation failures that torch raises as a plain RuntimeError (CPU, MPS, older CUDA builds).
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "defaultcpuallocator")
 

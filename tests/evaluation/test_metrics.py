@@ -37,7 +37,7 @@ def test_classification_metrics_match_hand_computation():
     assert m["per_class"] == {
         "a": {"n": 2, "top1": 0.5}, "b": {"n": 1, "top1": 1.0}, "c": {"n": 2, "top1": 0.0}, "d": {"n": 0, "top1": None},
     }
-    assert set(m["ci95"]) == {"top1", "top3", "macro_f1"}
+    assert set(m["ci95"]) == {"top1", "top3", "macro_f1", "balanced_accuracy"}
 
 
 def test_classification_metrics_agree_with_sklearn_on_random_data():
@@ -81,13 +81,15 @@ def test_vectorised_macro_f1_bootstrap_equals_a_plain_loop():
     idx = np.random.default_rng(5).integers(0, 60, size=(100, 60))  # the same draws, one block at this size
     loop = [f1_score(labels[i], predictions[i], average="macro", zero_division=0) for i in idx]
     assert m["ci95"]["macro_f1"] == pytest.approx(list(np.percentile(loop, [2.5, 97.5])))
+    balanced = [balanced_accuracy_score(labels[i], predictions[i]) for i in idx]
+    assert m["ci95"]["balanced_accuracy"] == pytest.approx(list(np.percentile(balanced, [2.5, 97.5])))
 
 
 def test_perfect_scores_give_unit_intervals():
     labels = np.array([0, 1, 2, 3, 0, 1])
     m = classification_metrics(np.eye(4)[labels], labels, list("abcd"))
     assert m["top1"] == m["macro_f1"] == m["balanced_accuracy"] == 1.0
-    assert m["ci95"] == {"top1": [1.0, 1.0], "top3": [1.0, 1.0], "macro_f1": [1.0, 1.0]}
+    assert m["ci95"] == {"top1": [1.0, 1.0], "top3": [1.0, 1.0], "macro_f1": [1.0, 1.0], "balanced_accuracy": [1.0, 1.0]}
     r = retrieval_metrics(np.eye(5) + 0.1, np.eye(5), n_boot=100)
     assert r["mean_recall_at_1"] == 1.0
     assert r["image_to_text"]["ci95"]["recall@1"] == [1.0, 1.0]

@@ -321,7 +321,7 @@ def _multiclass(model: ClipModel, fingerprint: str, data: DatasetData, config: B
     result, _ = zero_shot_metrics(model, tensor, labels, data.classes, templates[:1], evaluation, words=data.words)
     result["ensemble"], scores = zero_shot_metrics(model, tensor, labels, data.classes, templates, evaluation,
                                                    words=data.words)
-    scale = float(model.scale())
+    scale = model.scale().item()
     result["calibration"] = _calibration(scale * scores, labels, _val_logits(model, fingerprint, data, config,
                                                                              templates, scale), config)
     if data.probe_train is not None:
@@ -338,7 +338,7 @@ def _multilabel(model: ClipModel, fingerprint: str, data: DatasetData, config: B
     keep, images, skipped = image_embeddings(model, fingerprint, data, config, progress=progress)
     targets = data.targets[keep]
     positive, negative = _finding_templates(data)
-    scale = float(model.scale())
+    scale = model.scale().item()
     single = multilabel_metrics(_finding_logits(model, images, data.words, positive[:1], negative[:1], scale, config),
                                 targets, data.classes, n_boot=config.n_boot, seed=config.seed)
     logits = _finding_logits(model, images, data.words, positive, negative, scale, config)
@@ -355,8 +355,8 @@ def _multilabel(model: ClipModel, fingerprint: str, data: DatasetData, config: B
 
 
 def _finding_templates(data: DatasetData) -> tuple[list[str], list[str]]:
-    positive = data.spec.templates or load_templates("finding")
-    negative = data.spec.negative_templates or load_templates("no_finding")
+    positive = data.spec.templates or load_templates("finding_present")
+    negative = data.spec.negative_templates or load_templates("finding_absent")
     return list(positive), list(negative)
 
 

@@ -31,7 +31,7 @@ def classification_metrics(
 
     Returns the evaluate JSON the report reads:
     `{"n", "classes", "top1", "top3", "macro_f1", "balanced_accuracy", "majority_rate",
-      "ci95": {"top1": [lo, hi], "top3": [lo, hi], "macro_f1": [lo, hi]},
+      "ci95": {"top1": [lo, hi], "top3": [lo, hi], "macro_f1": [lo, hi], "balanced_accuracy": [lo, hi]},
       "per_class": {name: {"n", "top1"}}, "confusion": {"classes", "matrix"}}`.
     top-k counts the true class among the k highest scores (C < 3 makes top3 1.0). macro_f1 averages over
     classes present in the labels or the predictions (sklearn's `average="macro", zero_division=0`).
@@ -49,15 +49,16 @@ def classification_metrics(
     confusion = _confusions(codes[None, :], n_classes)[0]
     support = confusion.sum(axis=1)
     correct = np.diagonal(confusion)
-    present = support > 0
 
     hits = np.stack([hit1, hit3], axis=1)
-    boot: dict[str, list[np.ndarray]] = {"top1": [], "top3": [], "macro_f1": []}
+    boot: dict[str, list[np.ndarray]] = {"top1": [], "top3": [], "macro_f1": [], "balanced_accuracy": []}
     for idx in _resamples(n, n_boot, seed):
+        confusions = _confusions(codes[idx], n_classes)
         top1, top3 = (_counts(idx, n) @ hits / n).T
         boot["top1"].append(top1)
         boot["top3"].append(top3)
-        boot["macro_f1"].append(_macro_f1(_confusions(codes[idx], n_classes)))
+        boot["macro_f1"].append(_macro_f1(confusions))
+        boot["balanced_accuracy"].append(_balanced_accuracy(confusions))
 
     return {
         "n": int(n),
@@ -65,7 +66,7 @@ def classification_metrics(
         "top1": float(hit1.mean()),
         "top3": float(hit3.mean()),
         "macro_f1": float(_macro_f1(confusion)),
-        "balanced_accuracy": float(np.mean(correct[present] / support[present])),
+        "balanced_accuracy": float(_balanced_accuracy(confusion)),
         "majority_rate": float(support.max() / n),
         "ci95": {name: _interval(np.concatenate(parts)) for name, parts in boot.items()},
         "per_class": {
@@ -251,6 +252,14 @@ def _macro_f1(confusion: np.ndarray) -> np.ndarray:
     present = denominator > 0
     f1 = np.divide(2.0 * tp, denominator, out=np.zeros(denominator.shape), where=present)
     return f1.sum(axis=-1) / present.sum(axis=-1)
+
+
+def _balanced_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Mean recall of [..., C, C] confusion matrices over the classes present in the labels (rows with support)."""
+    support = confusion.sum(axis=-1)
+    recall = np.divide(np.diagonal(confusion, axis1=-2, axis2=-1), support, out=np.zeros(support.shape),
+                       where=support > 0)
+    return recall.sum(axis=-1) / (support > 0).sum(axis=-1)
 
 
 def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:

@@ -3,7 +3,7 @@
 Templates are keyed by the kind of label field they describe (``body_part``, ``modality``); any other field
 uses ``default``. The first template of each of these lists is the single prompt of the MedCLIP/CLIP papers,
 "A medical image of {label}", so a one-prompt run and the first member of an ensemble agree. Multi-label
-findings use ``finding`` (positive prompts) against ``no_finding`` (negative prompts, in the same order).
+findings use ``finding_present`` (positive prompts) against ``finding_absent`` (negative prompts, in order).
 """
 
 from __future__ import annotations

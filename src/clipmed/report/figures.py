@@ -96,6 +96,37 @@ def data_efficiency_figure(
     _save(fig, path)
 
 
+def reliability_figure(panels: dict[tuple[str, str], dict], path: str | os.PathLike) -> None:
+    """Reliability diagrams: one panel per (dataset, model), rows datasets, columns models. Each panel shows
+    accuracy against mean confidence per bin (`calibration.reliability`'s bins) with the diagonal of perfect
+    calibration, and the ECE; with a fitted temperature, the calibrated bins too."""
+    datasets = list(dict.fromkeys(d for d, _ in panels))
+    models = list(dict.fromkeys(m for _, m in panels))
+    fig = _figure(2.8 * len(models) + 0.5, 2.6 * len(datasets) + 0.3)
+    axes = fig.subplots(len(datasets), len(models), squeeze=False)
+    for (dataset, model), calibration in panels.items():
+        ax = axes[datasets.index(dataset)][models.index(model)]
+        ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, linestyle="--")
+        series = [("before", calibration["bins"], "tab:blue")]
+        if calibration.get("bins_calibrated"):
+            series.append((f"T = {calibration['temperature']:.2f}", calibration["bins_calibrated"], "tab:orange"))
+        for label, bins, colour in series:
+            used = [b for b in bins if b["n"]]
+            ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o", markersize=3,
+                    color=colour, label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{dataset} · {model}\nECE {100 * calibration['ece']:.1f}%", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(series) > 1:
+            ax.legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("confidence", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("accuracy", fontsize=8)
+    _save(fig, path)
+
+
 def _tsne(embeddings: np.ndarray, seed: int) -> np.ndarray:
     normed = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     perplexity = max(1.0, min(30.0, (len(normed) - 1) / 3))  # t-SNE needs perplexity < N

@@ -62,15 +62,26 @@ def write_html_report(out_dir: str | os.PathLike, metrics: dict, context: dict, 
     body = _markdown_to_html(render_report(metrics, context), out_dir)
     if gallery is not None:
         body += _gallery_section(gallery)
-    page = (
+    path = out_dir / REPORT_HTML
+    write_text_atomic(path, _page(body, "clipmed report"))
+    return path
+
+
+def write_markdown_page(path: str | os.PathLike, markdown: str, out_dir: str | os.PathLike, *, title: str) -> Path:
+    """Write `markdown` (the subset the reports use; images relative to `out_dir`) as one self-contained page in
+    the report's style, atomically; return its path."""
+    path = Path(path)
+    write_text_atomic(path, _page(_markdown_to_html(markdown, Path(out_dir)), title))
+    return path
+
+
+def _page(body: str, title: str) -> str:
+    return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>clipmed report</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n"
+        f"<title>{escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n"
     )
-    path = out_dir / REPORT_HTML
-    write_text_atomic(path, page)
-    return path
 
 
 # --- markdown subset -> HTML ---------------------------------------------------------------------------
