@@ -135,6 +135,23 @@ def test_clipmed_train_across_two_nodes_with_c10d_rendezvous(prepared_synthetic,
     _assert_same_model(tmp_path / "nodes", single_process_run)
 
 
+def test_each_process_of_a_node_takes_its_own_gpu(monkeypatch):
+    """Under torchrun with --device cuda, LOCAL_RANK picks the GPU (several processes per node, any node)."""
+    import torch.distributed as dist
+
+    from clipmed.training.distributed import init_world
+
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 7)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    assert init_world("cuda") == World(rank=7, size=8) and chosen == [3]
+    assert init_world("cpu") == World(rank=7, size=8) and chosen == [3]  # CPU processes choose no GPU
+
+
 def test_locked_tower_cache_trains_exactly_like_recomputing(prepared_synthetic, tiny_dual_folder, tmp_path,
                                                            monkeypatch):
     monkeypatch.setenv("CLIPMED_CACHE", str(tmp_path / "cache"))

@@ -87,10 +87,13 @@ class World:
 
 
 def init_world(device: str) -> World:
-    """The world torchrun describes in the environment (WORLD_SIZE, RANK); one process otherwise."""
+    """The world torchrun describes in the environment (WORLD_SIZE, RANK; LOCAL_RANK picks each process's GPU
+    on its node); one process otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process on each node ("cuda" = this one)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size())
