@@ -25,6 +25,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--id-field", default="id")
     group.add_argument("--classes", help="comma-separated class names (default: values with >= --min-class-count rows)")
     group.add_argument("--min-class-count", type=int, default=20)
+    group.add_argument("--case-sensitive-labels", action="store_true",
+                       help="keep labels differing only in case apart (default: merged into the most frequent spelling)")
     group.add_argument("--streaming", action="store_true", help="read a Hugging Face hub dataset as a stream")
     group.add_argument("--allow-outside-paths", action="store_true",
                        help="accept image paths outside the dataset folder and --image-root (e.g. absolute CSV paths)")
@@ -160,7 +162,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     check_output(args.out, folder=True)
     summary = prepare(args.data, args.out, **_source_options(args), classes=_classes(args),
-                      min_class_count=args.min_class_count, n=args.n, seed=args.seed, strict=args.strict)
+                      min_class_count=args.min_class_count, case_sensitive_labels=args.case_sensitive_labels,
+                      n=args.n, seed=args.seed, strict=args.strict, check_images=args.check_images,
+                      workers=args.workers)
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
@@ -211,7 +215,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                "to score every labeled row")
         label_field = args.label_field = args.label_field or "body_part"
         records, classes = load_for_evaluation(args.data, **_source_options(args), classes=_classes(args),
-                                               min_class_count=args.min_class_count)
+                                               min_class_count=args.min_class_count,
+                                               case_sensitive_labels=args.case_sensitive_labels)
         train = None  # a dataset never prepared has no train split for the linear probe
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     config = EvalConfig(template=args.template, precision=args.precision)
@@ -413,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4096, help="labeled rows to sample (all when fewer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="turn skipped rows into errors")
+    p.add_argument("--workers", type=int, help="processes that decode images (default: one per core)")
+    p.add_argument("--no-image-check", dest="check_images", action="store_false",
+                   help="only check that image files exist, without decoding them (a fast metadata-only prepare)")
     _add_data_options(p)
     p.set_defaults(func=cmd_prepare)
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipmed.data.records import FieldMap
 from clipmed.data.sources import FORMATS
-from clipmed.data.split import load_for_evaluation, load_prepared, prepare
+from clipmed.data.split import load_for_evaluation, load_prepared, prepare, read_manifest
 from clipmed.errors import ClipmedError
 
 COUNTS = {"A": 60, "B": 35, "C": 22, "rare": 5, None: 20}
@@ -24,7 +24,7 @@ def _prepare(source, out, **options):
 
 
 def _split(out) -> dict:
-    return json.loads((Path(out) / "split.json").read_text())
+    return read_manifest(out)
 
 
 def _rejected(out) -> list[dict]:
@@ -66,9 +66,9 @@ def test_sizes_stratification_cap_and_pool(tmp_path, source):
     assert manifest["counts"]["pool"] == {"labeled": pool_labels[True], "unlabeled": pool_labels[False]}
     assert manifest["counts"]["unlabeled"] == 25 and manifest["counts"]["rejected_total"] == 0
     assert all(ids == sorted(ids) for ids in splits.values())
-    assert sorted(manifest) == ["allow_outside_paths", "check_images", "classes", "counts", "fields",
-                                "format_version", "image_only", "min_class_count", "n", "seed", "source", "splits",
-                                "text_only"]
+    assert sorted(manifest) == ["allow_outside_paths", "check_images", "classes", "complete", "counts", "fields",
+                                "format_version", "ids", "image_only", "labels", "min_class_count", "n", "seed",
+                                "source", "splits", "text_only"]
     assert manifest["source"]["path"] == str(path) and manifest["source"]["format"] == "imagefolder"
     assert summary["sizes"] == {"train": 31 + 27 + 18, "val": 12, "test": 12, "pool": len(splits["pool"]),
                                 "text_only": 0, "image_only": 0}
@@ -163,7 +163,8 @@ def test_every_kind_of_bad_row_is_rejected_and_image_faults_keep_the_text(tmp_pa
     path, _ = dirty
     summary = _prepare(path, tmp_path / "out")
     manifest = _split(tmp_path / "out")
-    rejected = {(entry["id"], entry["locator"]): entry for entry in _rejected(tmp_path / "out")}
+    entries = _rejected(tmp_path / "out")
+    rejected = {(entry["id"], entry["locator"]): entry for entry in entries if entry["uses"] != "unlabeled"}
     by_id = {rid: entry for (rid, _), entry in rejected.items() if rid.startswith("bad")}
     expected = {
         "bad-cut": "truncated or corrupt image: ", "bad-missing": "missing file", "bad-empty": "zero-byte file",
@@ -185,6 +186,11 @@ def test_every_kind_of_bad_row_is_rejected_and_image_faults_keep_the_text(tmp_pa
         "no image path": 1, "not an image": 1, "truncated or corrupt image": 1, "unusable caption and image": 1,
         "zero-byte file": 1}
     assert summary["counts"]["rejected_total"] == len(rejected) == 10
+    # The rows of the class with too few rows are listed too, as unlabeled rows, after the rejected ones.
+    assert entries[10:] == [{"id": f"id{index:04d}", "locator": f"metadata.jsonl:{index + 1}", "uses": "unlabeled",
+                             "reason": "label 'rare' has 5 usable rows, under --min-class-count 20 (kept as an "
+                                       "unlabeled row)"} for index in range(117, 122)]
+    assert summary["counts"]["label_dropped"] == 5
     placed = {rid for ids in manifest["splits"].values() for rid in ids}
     assert {"ok-deep", "ok-cmyk", "ok-pal", "ok-alpha"} <= placed
     assert not placed & set(by_id)
@@ -197,7 +203,7 @@ def test_strict_mode_stops_at_the_first_rejection(tmp_path, dirty):
     path, _ = dirty
     with pytest.raises(ClipmedError, match=r"metadata\.jsonl:143: truncated or corrupt image.*--strict"):
         _prepare(path, tmp_path / "out", strict=True)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "split.json").exists()
 
 
 def test_without_image_checks_only_existence_is_checked(tmp_path, dirty):
@@ -298,7 +304,7 @@ def test_paths_outside_the_dataset_are_rejected_and_the_policy_recorded(tmp_path
              dict(rows[0], id="link", file_name="images/link.png")]
     (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = _prepare(path, tmp_path / "out")
-    rejected = {entry["id"]: entry for entry in _rejected(tmp_path / "out")}
+    rejected = {entry["id"]: entry for entry in _rejected(tmp_path / "out") if entry["uses"] != "unlabeled"}
     assert sorted(rejected) == ["absolute", "escape", "link"]
     assert all(entry["reason"].startswith("image path outside the dataset folder") and
                entry["uses"] == "text-only" for entry in rejected.values())
@@ -307,5 +313,6 @@ def test_paths_outside_the_dataset_are_rejected_and_the_policy_recorded(tmp_path
     assert [r.id for r in load_prepared(tmp_path / "out").text_only_records()] == ["absolute", "escape", "link"]
     _prepare(path, tmp_path / "allowed", allow_outside_paths=True)
     prepared = load_prepared(tmp_path / "allowed")
-    assert prepared.manifest["allow_outside_paths"] is True and not _rejected(tmp_path / "allowed")
+    assert prepared.manifest["allow_outside_paths"] is True
+    assert {entry["uses"] for entry in _rejected(tmp_path / "allowed")} == {"unlabeled"}
     assert prepared.by_id["escape"].image_path == str(outside)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clipmed.data.records import FieldMap
-from clipmed.data.split import prepare
+from clipmed.data.split import prepare, read_manifest
 from helpers import write_synthetic_imagefolder
 from reliability_helpers import (assert_same_weights, checkpoint_files, kill, last_logged_step, load_every_checkpoint,
                                  metric_rows, run_clipmed, stale_temporaries, start_clipmed, train_args,
@@ -37,7 +37,7 @@ def kill_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def steps_per_epoch(kill_data) -> int:
-    pool = json.loads((kill_data / "split.json").read_text())["splits"]["pool"]
+    pool = read_manifest(kill_data)["splits"]["pool"]
     return len(pool) // BATCH
 
 

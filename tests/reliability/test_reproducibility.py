@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from clipmed import cli
+from clipmed.data.split import read_manifest
 from reliability_helpers import assert_same_weights, metric_rows, single_thread, train_options
 
 
@@ -16,9 +17,9 @@ def test_prepare_twice_gives_byte_identical_manifests_and_another_seed_another_s
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         _main("prepare", synthetic_dataset, "--out", tmp_path / name, "--seed", seed, "--group-field", "article",
               "--min-class-count", 5)
-    for name in ("split.json", "rejected.jsonl"):
+    for name in ("split.json", "ids.parquet", "rejected.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    a, c = (json.loads((tmp_path / name / "split.json").read_text()) for name in ("a", "c"))
+    a, c = (read_manifest(tmp_path / name) for name in ("a", "c"))
     assert a["splits"] != c["splits"] and a["splits"]["test"] != c["splits"]["test"]
     assert a["source"]["fingerprint"] == c["source"]["fingerprint"] and (a["seed"], c["seed"]) == (3, 4)
 
@@ -36,4 +37,4 @@ def test_train_twice_with_the_same_seed_gives_identical_weights_and_evaluation(t
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     result = json.loads((tmp_path / "a.json").read_text())
-    assert result["n"] == len(json.loads((prepared_synthetic / "split.json").read_text())["splits"]["test"])
+    assert result["n"] == len(read_manifest(prepared_synthetic)["splits"]["test"])

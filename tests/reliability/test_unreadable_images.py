@@ -10,7 +10,7 @@ import pytest
 
 from clipmed import cli
 from clipmed.data.records import FieldMap
-from clipmed.data.split import load_prepared, prepare
+from clipmed.data.split import load_prepared, prepare, read_manifest
 from helpers import write_synthetic_imagefolder
 from reliability_helpers import single_thread, train_options
 
@@ -31,7 +31,7 @@ def damaged(tmp_path) -> Path:
 
 
 def test_training_and_evaluation_skip_and_count_unreadable_images(damaged, tiny_dual_folder, tmp_path):
-    manifest = json.loads((damaged / "split.json").read_text())
+    manifest = read_manifest(damaged)
     prepared = load_prepared(damaged)
     bad_train, bad_val, bad_test = (prepared.records(name)[0].id for name in ("train", "val", "test"))
     run = tmp_path / "run"

@@ -12,18 +12,27 @@ Every layer that reads pixels goes through `open_rgb`, so a figure decodes the s
   margins of the scan rather than like bright borders.
 
 PIL's `LOAD_TRUNCATED_IMAGES` stays False: a truncated JPEG is rejected, never padded with grey.
+
+`ImageChecks` checks many files in worker processes, in checkpointed chunks (prepare's validation).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipmed.errors import ClipmedError
+from clipmed.io import read_json, write_json_atomic
 
 # PIL's own default limit (about 89.5 million pixels, a 1 GiB RGB buffer / 3 / 4).
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
@@ -123,3 +132,104 @@ def _scale_to_8bit(img: Image.Image) -> Image.Image:
         values = (values - low) * (255.0 / (high - low))
     gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(gray).convert("RGB")
+
+
+def check_files(paths: Sequence[str], decode: bool = True) -> list[str | None]:
+    """`check_image` for each path, or with `decode` False only that it is a non-empty regular file."""
+    return [check_image(path) if decode else _stat_fault(path) for path in paths]
+
+
+def _stat_fault(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return "missing file" if not os.path.exists(path) else "not a regular file"
+    return "zero-byte file" if os.path.getsize(path) == 0 else None
+
+
+def default_workers() -> int:
+    """Processes for image checks: one per core (decoding is CPU-bound, each process decodes one image at a time)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class ImageChecks:
+    """Check many images in chunks of `chunk` paths, in `workers` processes, results in submission order.
+
+    With a `checkpoints` folder each decoded chunk's results are written there atomically (the chunk's paths
+    beside its faults), and a chunk whose file holds the same paths is not checked again: a killed prepare
+    resumes where it stopped. `add` and `finish` yield (tokens, faults) per finished chunk, tokens being what
+    the caller passed with each path.
+    """
+
+    def __init__(self, *, decode: bool = True, workers: int = 1, checkpoints: Path | None = None,
+                 chunk: int = 1024) -> None:
+        if workers < 1:
+            raise ClipmedError(f"--workers must be at least 1, not {workers}")
+        self.decode, self.chunk = decode, chunk
+        self.checkpoints = checkpoints if decode else None  # existence checks cost less than their checkpoint
+        self.workers = workers if decode else 1
+        self._pool: ProcessPoolExecutor | None = None  # started with the first full chunk: small sets need none
+        self._ahead = 2 * workers
+        self._tokens: list[Any] = []
+        self._paths: list[str] = []
+        self._queue: deque[tuple[list[Any], list[str], int, Future | list[str | None]]] = deque()
+        self._number = 0
+
+    def add(self, token: Any, path: str) -> Iterator[tuple[list[Any], list[str | None]]]:
+        self._tokens.append(token)
+        self._paths.append(path)
+        if len(self._paths) >= self.chunk:
+            if self._pool is None and self.workers > 1:
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._submit()
+        yield from self._drain(wait=len(self._queue) > self._ahead)
+
+    def finish(self) -> Iterator[tuple[list[Any], list[str | None]]]:
+        if self._paths:
+            self._submit()
+        while self._queue:
+            yield from self._drain(wait=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ImageChecks":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _submit(self) -> None:
+        tokens, paths, number = self._tokens, self._paths, self._number
+        self._tokens, self._paths, self._number = [], [], number + 1
+        done: Future | list[str | None] | None = self._checkpointed(number, paths)
+        if done is None and self._pool is not None:
+            done = self._pool.submit(check_files, paths, self.decode)
+        elif done is None:
+            done = check_files(paths, self.decode)
+            self._save(number, paths, done)
+        self._queue.append((tokens, paths, number, done))
+
+    def _drain(self, *, wait: bool) -> Iterator[tuple[list[Any], list[str | None]]]:
+        while self._queue:
+            tokens, paths, number, done = self._queue[0]
+            if isinstance(done, Future):
+                if not (wait or done.done()):
+                    return
+                done = done.result()
+                self._save(number, paths, done)
+            self._queue.popleft()
+            wait = False
+            yield tokens, done
+
+    def _checkpointed(self, number: int, paths: list[str]) -> list[str | None] | None:
+        if self.checkpoints is None:
+            return None
+        try:
+            saved = read_json(self.checkpoints / f"{number:06d}.json")
+        except (OSError, ValueError):
+            return None
+        return saved["faults"] if saved.get("paths") == paths else None
+
+    def _save(self, number: int, paths: list[str], faults: list[str | None]) -> None:
+        if self.checkpoints is not None:
+            write_json_atomic(self.checkpoints / f"{number:06d}.json", {"paths": paths, "faults": faults})

@@ -1,12 +1,15 @@
 """`prepare`: validate a dataset and split it the paper's way into train / val / test / caption pool.
 
-The algorithm (deterministic for a given source, options and seed):
+The algorithm (deterministic for a given source, options and seed; worker counts change nothing):
 
-0. Validate every row. A row is rejected for a duplicate id (the first one is kept), an empty or missing
-   caption, or an image that is missing, empty, not an image, truncated/corrupt or too large. A row whose
-   only fault is its image keeps its caption as a *text-only* row; one whose only fault is its caption keeps
-   its image as an *image-only* row (both serve decoupled batches). Rows whose label is not a class are
-   not rejected: they are *unlabeled* (caption objectives only).
+0. Validate every row, streaming the source (memory holds ids, labels and groups per row, never captions or
+   pixels). A row is rejected for being unreadable (not JSON, not UTF-8, ...), a duplicate id (the first one
+   is kept), an empty or missing caption, or an image that is missing, empty, not an image, truncated/corrupt,
+   too large or outside the dataset folder. A row whose only fault is its image keeps its caption as a
+   *text-only* row; one whose only fault is its caption keeps its image as an *image-only* row (both serve
+   decoupled batches). Images are decoded in worker processes, in chunks whose results are checkpointed
+   under the output folder, so a killed prepare resumes without decoding them again. Rows whose label is not
+   a class are not rejected: they are *unlabeled* (caption objectives only), and rejected.jsonl says why.
 1. Sample `n` labeled rows (all of them when there are fewer), stratified by class; every class keeps at
    least 3 rows so that it can appear in train, val and test.
 2. Val and test take 10% of the sample each, stratified: per class, the exact share rounded by largest
@@ -25,39 +28,51 @@ A class with fewer than 3 usable rows, or whose groups cannot be spread over tra
 ClipmedError that suggests --min-class-count or --classes: a class missing from val or test would make its
 scores silently meaningless.
 
-Outputs, written atomically: ``split.json`` (ids per split, sorted, so the file is byte-identical for the
-same inputs) and ``rejected.jsonl`` (one row per rejection: id, locator, reason, uses).
+Outputs, written atomically while the output folder is locked: ``ids.parquet`` (the ids of every split,
+sorted: small and fast at a million rows), ``rejected.jsonl`` (one row per rejected row, then one per row
+dropped from label use: id, locator, reason, uses) and, last, ``split.json`` (everything else: source, fields,
+policies, classes, counts, and the ids file's SHA-256 with ``complete: true``). A killed prepare leaves no
+split.json: the old one is removed before the new ids are written. The same inputs give byte-identical files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
-from clipmed.data.images import check_image
-from clipmed.data.labels import DEFAULT_MIN_CLASS_COUNT, clean_labels, strip_label
+from clipmed.cache import cache_key
+from clipmed.data.images import ImageChecks, default_workers
+from clipmed.data.labels import DEFAULT_MIN_CLASS_COUNT, LabelSet, clean_labels, normalise_label, strip_label
 from clipmed.data.records import FieldMap, Record
 from clipmed.data.sources import LoadedSource, load_source
 from clipmed.errors import ClipmedError
-from clipmed.io import read_json, write_json_atomic, write_text_atomic
+from clipmed.io import atomic_write, read_json, write_json_atomic
+from clipmed.locking import FileLock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: ids inline in split.json, labels only stripped, every image path accepted
 SPLITS = ("train", "val", "test", "pool")
+ID_LISTS = (*SPLITS, "text_only", "image_only")  # the lists ids.parquet holds
+IDS_FILE = "ids.parquet"
+CHECKPOINTS = ".prepare-checks"  # image-check chunks of an unfinished prepare, under the output folder
+CHECK_CHUNK = 1024  # images per worker task and per checkpoint file
 HELD_OUT_FRACTION = Fraction(1, 10)  # of the sample, for val and for test each
 MIN_ROWS_PER_CLASS = 3  # one each for train, val and test
 TEXT_ONLY = "text-only"
 IMAGE_ONLY = "image-only"
-_KEPT = {TEXT_ONLY: " (kept as a text-only row)", IMAGE_ONLY: " (kept as an image-only row)"}  # said in rejected.jsonl
+UNLABELED = "unlabeled"
+_KEPT = {TEXT_ONLY: " (kept as a text-only row)", IMAGE_ONLY: " (kept as an image-only row)",
+         UNLABELED: " (kept as an unlabeled row)"}  # said in rejected.jsonl, never in a --strict refusal
 _DEFAULT_FIELDS = FieldMap()
 
 
@@ -65,83 +80,101 @@ _DEFAULT_FIELDS = FieldMap()
 
 @dataclass
 class Validation:
-    """Indices (into `LoadedSource.records`) of the usable, text-only and image-only rows, and the rejections."""
+    """What validation keeps of each readable, non-duplicate row (its position here is its index): id, raw
+    label and group; which rows are usable, text-only or image-only; the rejections."""
 
+    ids: list[str]
+    locators: list[str]
+    labels: list[str | None]
+    groups: list[str | None]
     usable: list[int]
     text_only: list[int]
     image_only: list[int]
     rejected: list[dict]  # {id, locator, reason, uses}, in source order
     rejected_counts: dict[str, int]  # by kind of reason
+    rows: int  # every row of the source, readable or not
 
 
 def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool = True,
-             progress: bool = False) -> Validation:
-    """Sort every row of `loaded` into usable, text-only or rejected (see the module docstring).
+             workers: int | None = None, checkpoints: Path | None = None, progress: bool = False) -> Validation:
+    """Sort every row of `loaded` into usable, text-only, image-only or rejected (see the module docstring).
 
-    With `check_images` False images are only checked to exist and be non-empty (no decoding).
-    `strict` turns the first rejection into a ClipmedError.
+    With `check_images` False images are only checked to exist and be non-empty (no decoding). `workers`
+    processes decode images (default: one per core); `checkpoints` is the folder of resumable results.
+    `strict` turns the first rejection (in source order) into a ClipmedError.
     """
-    rejected: list[dict] = []
+    from tqdm import tqdm  # the progress bar of the one slow step
+
+    rejected: list[tuple[int, dict]] = []  # (source position, entry)
     counts: Counter[str] = Counter()
 
-    def reject(rec_id: str | None, locator: str, kind: str, reason: str, uses: str) -> None:
-        if strict:
-            raise ClipmedError(f"{locator}: {reason} (--strict stops at the first unusable row; "
-                               f"without it such rows are listed in rejected.jsonl and skipped)")
-        rejected.append({"id": rec_id, "locator": locator, "reason": reason + _KEPT.get(uses, ""), "uses": uses})
+    def reject(position: int, rec_id: str | None, locator: str, kind: str, reason: str, uses: str) -> None:
+        rejected.append((position, {"id": rec_id, "locator": locator, "reason": reason, "uses": uses}))
         counts[kind] += 1
 
-    for locator, problem in loaded.problems:
-        reject(None, locator, "unparseable row", f"unparseable row: {problem}", "none")
-
-    paths = sorted({record.image_path for record in loaded.records if record.image_path})
-    image_faults = _check_paths(paths, decode=check_images, progress=progress)
-
+    ids: list[str] = []
+    labels: list[str | None] = []
+    groups: list[str | None] = []
+    where: list[tuple[int, str]] = []  # (source position, locator) per kept row
+    caption_faults: dict[int, str] = {}
+    image_faults: dict[int, str] = {}
     first_seen: dict[str, str] = {}
+    position = -1
+
+    def checked(indices: list[int], faults: list[str | None]) -> None:
+        image_faults.update((index, fault) for index, fault in zip(indices, faults) if fault is not None)
+
+    rows = tqdm(loaded.rows(), desc="validating", unit=" rows", disable=not progress, mininterval=1.0)
+    with ImageChecks(decode=check_images, workers=workers or default_workers(), checkpoints=checkpoints,
+                     chunk=CHECK_CHUNK) as checks:
+        for position, row in enumerate(rows):
+            record = row.record
+            if record is None:
+                reject(position, None, row.locator, "unparseable row", f"unparseable row: {row.problem}", "none")
+                continue
+            if record.id in first_seen:
+                reject(position, record.id, row.locator, "duplicate id",
+                       f"duplicate id (first seen at {first_seen[record.id]})", "none")
+                continue
+            first_seen[record.id] = row.locator
+            index = len(ids)
+            ids.append(record.id)
+            labels.append(record.label)
+            groups.append(record.group)
+            where.append((position, row.locator))
+            if record.caption is None or not record.caption.strip():
+                caption_faults[index] = "missing caption" if record.caption is None else "empty caption"
+            if record.image_path is None:
+                image_faults[index] = record.image_fault or "no image path"
+            else:
+                for done in checks.add(index, record.image_path):
+                    checked(*done)
+        for done in checks.finish():
+            checked(*done)
+
     usable: list[int] = []
     text_only: list[int] = []
     image_only: list[int] = []
-    for index, record in enumerate(loaded.records):
-        locator = loaded.locators[index]
-        if record.id in first_seen:
-            reject(record.id, locator, "duplicate id",
-                   f"duplicate id (first seen at {first_seen[record.id]})", "none")
-            continue
-        first_seen[record.id] = locator
-        caption_fault = ("missing caption" if record.caption is None
-                         else "empty caption" if not record.caption.strip() else None)
-        image_fault = (record.image_fault or (image_faults[record.image_path] if record.image_path
-                                              else "no image path"))
+    for index, (at, locator) in enumerate(where):
+        caption_fault, image_fault = caption_faults.get(index), image_faults.get(index)
         if caption_fault and image_fault:
-            reject(record.id, locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
+            reject(at, ids[index], locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
         elif caption_fault:
-            reject(record.id, locator, caption_fault, caption_fault, IMAGE_ONLY)
+            reject(at, ids[index], locator, caption_fault, caption_fault, IMAGE_ONLY)
             image_only.append(index)
         elif image_fault:
-            reject(record.id, locator, image_fault.split(":")[0], image_fault, TEXT_ONLY)
+            reject(at, ids[index], locator, image_fault.split(":")[0], image_fault, TEXT_ONLY)
             text_only.append(index)
         else:
             usable.append(index)
-    return Validation(usable, text_only, image_only, rejected, dict(counts))
-
-
-def _check_paths(paths: list[str], *, decode: bool, progress: bool) -> dict[str, str | None]:
-    if not decode:
-        return {path: _stat_fault(path) for path in paths}
-    from tqdm import tqdm  # only here: the progress bar of the one slow step
-
-    # PIL releases the GIL while decoding, so threads use every core without pickling overhead.
-    workers = min(16, 2 * (os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(check_image, paths), total=len(paths),
-                            desc="checking images", unit="img", disable=not progress))
-    return dict(zip(paths, results))
-
-
-def _stat_fault(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return "missing file"
-    return "zero-byte file" if os.path.getsize(path) == 0 else None
+    rejected.sort(key=lambda item: item[0])
+    if strict and rejected:
+        entry = rejected[0][1]
+        raise ClipmedError(f"{entry['locator']}: {entry['reason']} (--strict refuses every unusable row; without "
+                           f"it such rows are listed in rejected.jsonl and skipped)")
+    entries = [dict(entry, reason=entry["reason"] + _KEPT.get(entry["uses"], "")) for _, entry in rejected]
+    return Validation(ids, [locator for _, locator in where], labels, groups, usable, text_only, image_only, entries,
+                      dict(counts), position + 1)
 
 
 # --- the split itself (pure) --------------------------------------------------------------------
@@ -332,67 +365,78 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
             fields: FieldMap = _DEFAULT_FIELDS, image_root: str | None = None,
             classes: Sequence[str] | None = None, min_class_count: int = DEFAULT_MIN_CLASS_COUNT,
             n: int = 4096, seed: int = 0, strict: bool = False, check_images: bool = True,
-            streaming: bool = False, allow_outside_paths: bool = False, progress: bool = True) -> dict:
-    """Validate and split a dataset; write ``out_dir/split.json`` and ``out_dir/rejected.jsonl``.
+            streaming: bool = False, allow_outside_paths: bool = False, case_sensitive_labels: bool = False,
+            workers: int | None = None, progress: bool = True) -> dict:
+    """Validate and split a dataset; write ``ids.parquet``, ``rejected.jsonl`` and ``split.json`` in `out_dir`.
 
     Returns a summary: output paths, classes, split sizes, counts (as in split.json), warnings, seconds.
     """
     started = time.perf_counter()
     if n < 1:
         raise ClipmedError(f"--n must be at least 1, not {n}")
-    loaded = load_source(source_path, fmt=fmt, fields=fields, image_root=image_root, streaming=streaming,
-                         allow_outside_paths=allow_outside_paths)
-    checked = validate(loaded, strict=strict, check_images=check_images, progress=progress)
-    records = loaded.records
-    class_list, labels = _classes_of(loaded, checked, fields, classes, min_class_count)
-    rows = [SplitRow(records[i].id, label, strip_label(records[i].group))
-            for i, label in zip(checked.usable, labels)]
-    plan = assign_splits(rows, class_list, n=n, seed=seed)
-
-    text_only, image_only = (sorted(records[i].id for i in indices
-                                    if strip_label(records[i].group) not in plan.held_out_groups)
-                             for indices in (checked.text_only, checked.image_only))
-    label_of = {row.id: row.label for row in rows}
-    pool_labeled = sum(label_of[rid] is not None for rid in plan.pool)
-    splits = {"train": plan.train, "val": plan.val, "test": plan.test, "pool": plan.pool}
-    counts = {
-        **{name: _per_class(splits[name], label_of, class_list) for name in ("train", "val", "test")},
-        "pool": {"labeled": pool_labeled, "unlabeled": len(plan.pool) - pool_labeled},
-        "rejected": dict(sorted(checked.rejected_counts.items())),
-        "rejected_total": len(checked.rejected),
-        "rows": len(records) + len(loaded.problems),
-        "usable": len(rows),
-        "labeled": sum(label is not None for label in labels),
-        "unlabeled": sum(label is None for label in labels),
-        "sample": dict(plan.sampled),
-        "train_cap": plan.train_cap,
-        "held_out_by_group": len(plan.held_out),
-        "text_only": len(text_only),
-        "image_only": len(image_only),
-    }
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source": {"path": loaded.path, "format": loaded.format, "image_root": loaded.image_root,
-                   "fingerprint": loaded.fingerprint, "streaming": loaded.streaming},
-        "allow_outside_paths": loaded.allow_outside_paths,
-        "fields": dataclasses.asdict(fields),
-        "seed": seed,
-        "n": n,
-        "classes": class_list,
-        "min_class_count": min_class_count,
-        "check_images": check_images,
-        "splits": splits,
-        "text_only": text_only,
-        "image_only": image_only,
-        "counts": counts,
-    }
     out = Path(out_dir)
-    write_json_atomic(out / "split.json", manifest)
-    write_text_atomic(out / "rejected.jsonl", "".join(
-        json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n" for entry in checked.rejected))
+    with FileLock(out, what="prepare"):
+        loaded = load_source(source_path, fmt=fmt, fields=fields, image_root=image_root, streaming=streaming,
+                             allow_outside_paths=allow_outside_paths)
+        checkpoints = out / CHECKPOINTS / cache_key(loaded.path, loaded.fingerprint, allow_outside_paths)
+        checked = validate(loaded, strict=strict, check_images=check_images, workers=workers,
+                           checkpoints=checkpoints, progress=progress)
+        labelset = _classes_of(loaded, checked, fields, classes, min_class_count, case_sensitive_labels)
+        class_list = labelset.classes
+        rows = [SplitRow(checked.ids[i], label, strip_label(checked.groups[i]))
+                for i, label in zip(checked.usable, labelset.labels)]
+        plan = assign_splits(rows, class_list, n=n, seed=seed)
+
+        text_only, image_only = (sorted(checked.ids[i] for i in indices
+                                        if strip_label(checked.groups[i]) not in plan.held_out_groups)
+                                 for indices in (checked.text_only, checked.image_only))
+        label_of = {row.id: row.label for row in rows}
+        pool_labeled = sum(label_of[rid] is not None for rid in plan.pool)
+        splits = {"train": plan.train, "val": plan.val, "test": plan.test, "pool": plan.pool}
+        counts = {
+            **{name: _per_class(splits[name], label_of, class_list) for name in ("train", "val", "test")},
+            "pool": {"labeled": pool_labeled, "unlabeled": len(plan.pool) - pool_labeled},
+            "rejected": dict(sorted(checked.rejected_counts.items())),
+            "rejected_total": len(checked.rejected),
+            "label_dropped": len(labelset.dropped),
+            "rows": checked.rows,
+            "usable": len(rows),
+            "labeled": len(rows) - labelset.unlabeled,
+            "unlabeled": labelset.unlabeled,
+            "sample": dict(plan.sampled),
+            "train_cap": plan.train_cap,
+            "held_out_by_group": len(plan.held_out),
+            "text_only": len(text_only),
+            "image_only": len(image_only),
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": {"path": loaded.path, "format": loaded.format, "image_root": loaded.image_root,
+                       "fingerprint": loaded.fingerprint, "streaming": loaded.streaming},
+            "allow_outside_paths": loaded.allow_outside_paths,
+            "labels": {"case_sensitive": case_sensitive_labels, "merged": labelset.merged},
+            "fields": dataclasses.asdict(fields),
+            "seed": seed,
+            "n": n,
+            "classes": class_list,
+            "min_class_count": min_class_count,
+            "check_images": check_images,
+            "counts": counts,
+        }
+        dropped = [{"id": checked.ids[index], "locator": checked.locators[index], "reason": reason + _KEPT[UNLABELED],
+                    "uses": UNLABELED} for index, reason in ((checked.usable[position], reason)
+                                                            for position, reason in sorted(labelset.dropped.items()))]
+        _write_prepared(out, manifest, {**splits, "text_only": text_only, "image_only": image_only},
+                        checked.rejected + dropped)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
     warnings = [f"class {name!r} has {count} train rows, under the per-class cap of {plan.train_cap}"
                 for name, count in counts["train"].items() if count < plan.train_cap]
+    merges: dict[str, list[str]] = {}
+    for spelling, name in labelset.merged.items():
+        merges.setdefault(name, []).append(spelling)
+    warnings += [f"merged label spellings {', '.join(map(repr, spellings))} into {name!r} "
+                 f"(--case-sensitive-labels keeps them apart)" for name, spellings in merges.items()]
     return {
         "split_json": str(out / "split.json"),
         "rejected_jsonl": str(out / "rejected.jsonl"),
@@ -400,9 +444,39 @@ def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = N
         "sizes": {name: len(ids) for name, ids in splits.items()} | {"text_only": len(text_only),
                                                                      "image_only": len(image_only)},
         "counts": counts,
+        "label_merges": merges,
         "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _write_prepared(out: Path, manifest: dict, lists: dict[str, list[str]], rejected: list[dict]) -> None:
+    """ids.parquet, rejected.jsonl, then split.json marked complete; the old split.json goes first, so no kill
+    leaves a manifest beside ids it does not describe."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out / "split.json").unlink(missing_ok=True)
+    table = pa.table({"list": pa.array([name for name in ID_LISTS for _ in lists[name]]).dictionary_encode(),
+                      "id": pa.array([rid for name in ID_LISTS for rid in lists[name]], pa.string())})
+    atomic_write(out / IDS_FILE, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+    def write_rejected(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for entry in rejected:
+                handle.write(json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n")
+
+    atomic_write(out / "rejected.jsonl", write_rejected)
+    write_json_atomic(out / "split.json", {**manifest, "ids": {"file": IDS_FILE, "sha256": _sha256(out / IDS_FILE)},
+                                           "complete": True})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _per_class(ids: list[str], label_of: dict[str, str | None], classes: list[str]) -> dict[str, int]:
@@ -410,21 +484,20 @@ def _per_class(ids: list[str], label_of: dict[str, str | None], classes: list[st
     return {name: have[name] for name in classes}
 
 
-def _classes_of(loaded: LoadedSource, checked: Validation, fields: FieldMap,
-                classes: Sequence[str] | None, min_class_count: int) -> tuple[list[str], list[str | None]]:
+def _classes_of(loaded: LoadedSource, checked: Validation, fields: FieldMap, classes: Sequence[str] | None,
+                min_class_count: int, case_sensitive: bool) -> LabelSet:
     """Classes and clean labels of the usable rows, or a ClipmedError saying why nothing is usable."""
-    records = loaded.records
     if not checked.usable:
         reasons = ", ".join(f"{kind} {count}" for kind, count in
                             Counter(checked.rejected_counts).most_common(3)) or "no rows"
         raise ClipmedError(
-            f"{loaded.path}: no usable row (image and caption both fine) among "
-            f"{len(records) + len(loaded.problems)} ({reasons}); check --image-root, --image-field "
-            f"'{fields.image_field}' and --caption-field '{fields.caption_field}'")
-    labelset = clean_labels([records[i].label for i in checked.usable], classes=classes,
-                            min_class_count=min_class_count)
+            f"{loaded.path}: no usable row (image and caption both fine) among {checked.rows} ({reasons}); "
+            f"check --image-root, --image-field '{fields.image_field}' and --caption-field "
+            f"'{fields.caption_field}'")
+    labelset = clean_labels([checked.labels[i] for i in checked.usable], classes=classes,
+                            min_class_count=min_class_count, case_sensitive=case_sensitive)
     if not any(label is not None for label in labelset.labels):
-        values = Counter(strip_label(records[i].label) for i in checked.usable)
+        values = Counter(normalise_label(checked.labels[i]) for i in checked.usable)
         values.pop(None, None)
         common = ", ".join(f"{value!r} {count}" for value, count in values.most_common(5)) or "none"
         wanted = (f"--classes {', '.join(labelset.classes)}" if classes is not None
@@ -433,14 +506,17 @@ def _classes_of(loaded: LoadedSource, checked: Validation, fields: FieldMap,
             f"{loaded.path}: none of the {len(checked.usable)} usable rows has a class label with "
             f"{wanted} (label field '{fields.label_field}'; most common values: {common}); pass "
             f"--label-field, --classes or a lower --min-class-count")
-    return labelset.classes, labelset.labels
+    return labelset
 
 
 # --- reading a prepared split back --------------------------------------------------------------
 
 @dataclass
 class PreparedData:
-    """A prepared split with its source re-loaded: records per split carry the clean label (or None)."""
+    """A prepared split with its source re-loaded: records per split carry the clean label (or None).
+
+    `manifest` is split.json with the id lists (``splits``, ``text_only``, ``image_only``) filled in.
+    """
 
     directory: Path
     manifest: dict
@@ -469,54 +545,94 @@ class PreparedData:
         return self.classes.index(record.label)
 
 
-def load_prepared(directory: str | os.PathLike) -> PreparedData:
-    """Read ``split.json`` in `directory` and re-load its source, which must not have changed since."""
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """split.json of a finished prepare, with its id lists; a ClipmedError for a missing or unfinished one."""
     directory = Path(directory)
     path = directory / "split.json"
     if not path.is_file():
         raise ClipmedError(f"{directory}: no split.json; run `clipmed prepare` with --out {directory} first")
     manifest = read_json(path)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ClipmedError(f"{path}: split format version {manifest.get('format_version')}, this clipmed "
-                           f"reads version {FORMAT_VERSION}; re-run `clipmed prepare`")
+    version = manifest.get("format_version")
+    if version == 1:
+        return manifest
+    if version != FORMAT_VERSION:
+        raise ClipmedError(f"{path}: split format version {version}, this clipmed reads versions 1 and "
+                           f"{FORMAT_VERSION}; re-run `clipmed prepare`")
+    ids = directory / manifest.get("ids", {}).get("file", IDS_FILE)
+    if manifest.get("complete") is not True or not ids.is_file() or _sha256(ids) != manifest["ids"]["sha256"]:
+        raise ClipmedError(f"{path} belongs to an unfinished or interrupted prepare (its {ids.name} is missing or "
+                           f"does not match); run `clipmed prepare` again with --out {directory}")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(ids)
+    lists: dict[str, list[str]] = {name: [] for name in ID_LISTS}
+    for name, rid in zip(table.column("list").to_pylist(), table.column("id").to_pylist()):
+        lists[name].append(rid)
+    manifest["splits"] = {name: lists[name] for name in SPLITS}
+    manifest["text_only"], manifest["image_only"] = lists["text_only"], lists["image_only"]
+    return manifest
+
+
+def _label_cleaner(manifest: dict) -> Callable[[str | None], str | None]:
+    """Raw label -> class (or None), as the manifest's prepare did it."""
+    known = set(manifest["classes"])
+    if "labels" not in manifest:  # format 1: stripped, exact
+        return lambda raw: label if (label := strip_label(raw)) in known else None
+    merged = manifest["labels"]["merged"]
+
+    def clean(raw: str | None) -> str | None:
+        value = normalise_label(raw)
+        label = merged.get(value, value) if value is not None else None
+        return label if label in known else None
+
+    return clean
+
+
+def load_prepared(directory: str | os.PathLike) -> PreparedData:
+    """Read a prepared folder and re-load its source, which must not have changed since."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
     source = manifest["source"]
     # Manifests written before the path policy existed accepted every path: they keep meaning that.
     loaded = load_source(source["path"], fmt=source["format"], fields=FieldMap(**manifest["fields"]),
                          image_root=source["image_root"], streaming=source.get("streaming", False),
                          allow_outside_paths=manifest.get("allow_outside_paths", True))
     if loaded.fingerprint != source["fingerprint"]:
-        raise ClipmedError(f"{source['path']} changed since `clipmed prepare` wrote {path}; re-run prepare "
-                           f"to split the current data")
-    classes = list(manifest["classes"])
-    known = set(classes)
+        raise ClipmedError(f"{source['path']} changed since `clipmed prepare` wrote {directory / 'split.json'}; "
+                           f"re-run prepare to split the current data")
+    clean = _label_cleaner(manifest)
+    wanted = {rid for ids in manifest["splits"].values() for rid in ids}
+    wanted.update(manifest["text_only"], manifest["image_only"])
     by_id: dict[str, Record] = {}
-    for record in loaded.records:
-        if record.id not in by_id:  # duplicates were rejected in prepare: the first one counts
-            label = strip_label(record.label)
-            by_id[record.id] = dataclasses.replace(record, label=label if label in known else None,
-                                                   group=strip_label(record.group))
-    wanted = ([rid for ids in manifest["splits"].values() for rid in ids] + manifest["text_only"]
-              + manifest["image_only"])
+    for row in loaded.rows():
+        record = row.record
+        if record is not None and record.id in wanted and record.id not in by_id:  # duplicates: the first counts
+            by_id[record.id] = dataclasses.replace(record, label=clean(record.label), group=strip_label(record.group))
     missing = [rid for rid in wanted if rid not in by_id]
     if missing:
-        raise ClipmedError(f"{path}: {len(missing)} ids (e.g. {missing[0]}) are not in {source['path']}; "
-                           f"re-run `clipmed prepare`")
-    return PreparedData(directory, manifest, classes, loaded, by_id)
+        raise ClipmedError(f"{directory / 'split.json'}: {len(missing)} ids (e.g. {sorted(missing)[0]}) are not in "
+                           f"{source['path']}; re-run `clipmed prepare`")
+    return PreparedData(directory, manifest, list(manifest["classes"]), loaded, by_id)
 
 
 def load_for_evaluation(source: str, *, fmt: str | None = None, fields: FieldMap = _DEFAULT_FIELDS,
                         image_root: str | None = None, classes: Sequence[str] | None = None,
                         min_class_count: int = DEFAULT_MIN_CLASS_COUNT, check_images: bool = True,
                         streaming: bool = False, allow_outside_paths: bool = False,
+                        case_sensitive_labels: bool = False, workers: int | None = None,
                         progress: bool = False) -> tuple[list[Record], list[str]]:
     """Every usable labeled row of a dataset that was never prepared, with the classes (source order).
 
-    Rows are validated exactly as in `prepare`; unlabeled and rejected rows are left out.
+    Rows are validated and labels cleaned exactly as in `prepare`; unlabeled and rejected rows are left out.
     """
     loaded = load_source(source, fmt=fmt, fields=fields, image_root=image_root, streaming=streaming,
                          allow_outside_paths=allow_outside_paths)
-    checked = validate(loaded, check_images=check_images, progress=progress)
-    class_list, labels = _classes_of(loaded, checked, fields, classes, min_class_count)
-    records = [dataclasses.replace(loaded.records[i], label=label, group=strip_label(loaded.records[i].group))
-               for i, label in zip(checked.usable, labels) if label is not None]
-    return records, class_list
+    checked = validate(loaded, check_images=check_images, workers=workers, progress=progress)
+    labelset = _classes_of(loaded, checked, fields, classes, min_class_count, case_sensitive_labels)
+    label_of = {checked.ids[i]: label for i, label in zip(checked.usable, labelset.labels) if label is not None}
+    records: list[Record] = []
+    for row in loaded.rows():
+        record = row.record
+        if record is not None and record.id in label_of:
+            records.append(dataclasses.replace(record, label=label_of.pop(record.id), group=strip_label(record.group)))
+    return records, labelset.classes
