@@ -319,9 +319,11 @@ def _add_inference_options(parser: argparse.ArgumentParser, *, precision: bool =
 
 
 def _inference_model(args: argparse.Namespace):
+    from .devices import check_device
     from .models import load_model
 
-    return load_model(args.model).to(args.device)
+    device = check_device(args.device)
+    return load_model(args.model).to(device)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

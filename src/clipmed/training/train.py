@@ -21,6 +21,7 @@ from .. import __version__
 from ..data.datasets import readable_records
 from ..data.records import Record
 from ..data.split import PreparedData, load_prepared
+from ..devices import check_device
 from ..errors import ClipmedError
 from ..evaluation.embed import embed_images, embed_texts
 from ..evaluation.metrics import retrieval_metrics
@@ -175,6 +176,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                "folder); start it with --data and --out instead")
         saved = read_json(run / "run.json")
         config = TrainConfig.from_dict({**saved["config"], "out": str(run)})
+    device = check_device(config.device)  # before any model loads
     world = init_world(config.device)
     if not resume and (run / "run.json").exists():
         raise ClipmedError(f"{run} already holds a run: pass --resume to continue it or choose another --out")
@@ -189,7 +191,6 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if world.distributed and config.batch_size % world.size:
         raise ClipmedError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes")
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
     progress = progress and world.is_main
 
     prepared = load_prepared(config.data)
