@@ -53,7 +53,7 @@ BY_DEST = {"labels": ["Chest,Abdomen", "a", "", ",", "a,a", "é,ü"],
 MUTATIONS = ["malformed_line", "latin1_caption", "parent_path", "absolute_path", "symlink_out", "etc_passwd",
              "numbers", "nan_caption", "empty_caption", "missing_image", "duplicate_id", "bom", "crlf",
              "null_line", "array_line", "text_image", "empty_file", "case_labels"]
-FUZZ = dict(derandomize=True, deadline=None, database=None, print_blob=False, 
+FUZZ = dict(derandomize=True, deadline=None, database=None, print_blob=False,
             phases=[Phase.explicit, Phase.generate, Phase.shrink],
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                    HealthCheck.data_too_large])
