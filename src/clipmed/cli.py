@@ -230,11 +230,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .devices import check_device
     from .evaluation.benchmark import BenchmarkConfig, load_suite, model_names, run_benchmark
     from .io import write_json_atomic
     from .locking import FileLock
     from .report.benchmark import BENCHMARK_MD, write_benchmark_report
 
+    check_output(args.out, folder=True)
+    check_device(args.device)
     suite = load_suite(args.suite)
     models = model_names(args.model)
     config = BenchmarkConfig(n_boot=args.n_boot, seed=args.seed, precision=args.precision, batch_size=args.batch_size,

@@ -185,6 +185,8 @@ def test_outputs_in_unwritable_folders_are_refused_before_any_work(capsys, monke
                  unwritable / "metrics.json")
     assert f"cannot write in {unwritable}" in line
     assert "cannot write in" in fails(capsys, "prepare", synthetic_dataset, "--out", unwritable / "prepared")
+    assert "cannot write in" in fails(capsys, "benchmark", "--model", tiny_dual_folder, "--suite", tmp_path / "suite.yaml",
+                                      "--out", unwritable / "benchmark")
 
 
 def test_outputs_of_the_wrong_kind_are_refused(capsys, monkeypatch, tmp_path, prepared_synthetic, synthetic_dataset,

@@ -242,6 +242,7 @@ def _sandbox(draw, fixtures: dict[str, Path]) -> tuple[Path, Path, str]:
     (sandbox / "a-file").write_text("x")
     (sandbox / "full").mkdir()
     (sandbox / "full" / "keep.txt").write_text("x")
+    (sandbox / "suite.yaml").write_text("datasets:\n  - {name: d, data: data, label_field: body_part, min_class_count: 1}\n")
     return sandbox, data, draw(st.sampled_from(["new", "new", "new", "file", "full"]))
 
 
@@ -264,13 +265,13 @@ def _watched(fixtures: dict[str, Path]) -> list[Path]:
 # What a command that ends with status 0 must have written (zero-step training once reported success without a
 # model): a path under its --out ("" for --out itself).
 PRODUCT = {"prepare": "split.json", "train": "model", "index": "index.json", "export": "README.md", "embed": "",
-           "evaluate": "", "sweep": "sweep.json"}
+           "evaluate": "", "sweep": "sweep.json", "benchmark": "benchmark.json"}
 # Commands whose own work is not run here: the CLI, its recipe handling and its checks are (the pipeline is
 # tests/test_pipeline.py's).
 STUBBED = {"reproduce": ("clipmed.pipeline.reproduce", {"models": {}}), "sweep": ("clipmed.pipeline.sweep", {})}
 # Examples per command: the commands that train or embed cost seconds per valid example.
 EXAMPLES = {"prepare": 6, "entities": 4, "predict": 4, "embed": 3, "index": 3, "search": 4, "export": 3,
-            "evaluate": 3, "train": 3, "sweep": 5, "reproduce": 8}
+            "evaluate": 3, "train": 3, "sweep": 5, "reproduce": 8, "benchmark": 3}
 
 
 def _base_argv(command: str, draw, sandbox: Path, dataset: Path, out: Path, fixtures: dict[str, Path],
@@ -292,13 +293,17 @@ def _base_argv(command: str, draw, sandbox: Path, dataset: Path, out: Path, fixt
                          "--out", str(out)],
             "train": training,
             "sweep": [*training, "--fractions", "1", "--objectives", "caption"],
-            "reproduce": ["--data", str(dataset), "--out", str(out), "--model", model]}[command]
+            "reproduce": ["--data", str(dataset), "--out", str(out), "--model", model],
+            "benchmark": ["--model", model, "--suite", str(sandbox / "suite.yaml"), "--out", str(out)]}[command]
+
+
+def test_every_command_is_fuzzed():
+    """A new sub-command fails here until it has a number of examples in EXAMPLES (and arguments in _base_argv)."""
+    assert set(EXAMPLES) == set(_sub_parsers())
 
 
 @pytest.mark.parametrize("command", list(EXAMPLES))
 def test_command(command, fixtures):
-    """Every sub-command of the parser is fuzzed (a new one fails here until it has a budget in EXAMPLES)."""
-    assert set(EXAMPLES) == set(_sub_parsers())
 
     @settings(max_examples=EXAMPLES[command], **FUZZ)
     @given(st.data())
