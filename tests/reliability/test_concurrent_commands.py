@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 from clipmed.cli import main
@@ -28,3 +30,18 @@ def test_a_second_command_into_a_folder_in_use_is_refused(synthetic_dataset, tin
         assert holder in error_line(capsys)
     finally:
         kill(first)
+
+
+def test_index_refuses_a_folder_another_process_writes(synthetic_dataset, tiny_dual_folder, tmp_path, capsys):
+    out = tmp_path / "index"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom clipmed.locking import FileLock\n"
+                               "with FileLock(sys.argv[1], what='index'):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)\n", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["index", "--model", str(tiny_dual_folder), "--data", str(synthetic_dataset), "--out",
+                     str(out)]) == 2
+        assert f"locked by process {holder.pid} on this host (index)" in error_line(capsys)
+        assert not (out / "index.json").exists()
+    finally:
+        kill(holder)
