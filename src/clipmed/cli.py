@@ -273,8 +273,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
     epochs = {name: value for name, value in (("caption", args.caption_epochs), ("label", args.label_epochs),
                                               ("semantic", args.semantic_epochs)) if value is not None}
-    config = ReproduceConfig(data=args.data, out=args.out, model=args.model, fmt=args.fmt, fields=_fields(args),
-                             image_root=args.image_root, classes=_classes(args), min_class_count=args.min_class_count,
+    config = ReproduceConfig(data=args.data, out=args.out, model=args.model, **_source_options(args),
+                             classes=_classes(args), min_class_count=args.min_class_count,
+                             case_sensitive_labels=args.case_sensitive_labels,
                              n=args.n, seed=args.seed, objectives=tuple(args.objectives.split(",")),
                              train=_train_config(args), epochs=epochs, sweep=args.sweep,
                              sweep_fractions=tuple(float(f) for f in args.fractions.split(",")),

@@ -40,8 +40,11 @@ class ReproduceConfig:
     fmt: str | None = None
     fields: FieldMap = field(default_factory=FieldMap)
     image_root: str | None = None
+    streaming: bool = False
+    allow_outside_paths: bool = False
     classes: list[str] | None = None
     min_class_count: int = 20
+    case_sensitive_labels: bool = False
     n: int = 4096
     seed: int = 0
     objectives: tuple[str, ...] = OBJECTIVES
@@ -91,8 +94,9 @@ def _reproduce(config: ReproduceConfig, *, progress: bool) -> dict:
     if not (prepared_dir / "split.json").exists():
         _log("prepare")
         prepare(config.data, prepared_dir, fmt=config.fmt, fields=config.fields, image_root=config.image_root,
-                classes=config.classes, min_class_count=config.min_class_count, n=config.n, seed=config.seed,
-                progress=progress)
+                streaming=config.streaming, allow_outside_paths=config.allow_outside_paths, classes=config.classes,
+                min_class_count=config.min_class_count, case_sensitive_labels=config.case_sensitive_labels,
+                n=config.n, seed=config.seed, progress=progress)
     prepared = load_prepared(prepared_dir)
     templates = load_templates(prepared.manifest["fields"]["label_field"] or "default")
 

@@ -65,7 +65,7 @@ SPLITS = ("train", "val", "test", "pool")
 ID_LISTS = (*SPLITS, "text_only", "image_only")  # the lists ids.parquet holds
 IDS_FILE = "ids.parquet"
 CHECKPOINTS = ".prepare-checks"  # image-check chunks of an unfinished prepare, under the output folder
-CHECK_CHUNK = 1024  # images per worker task and per checkpoint file
+CHECK_CHUNK = 256  # images per worker task and per checkpoint file
 HELD_OUT_FRACTION = Fraction(1, 10)  # of the sample, for val and for test each
 MIN_ROWS_PER_CLASS = 3  # one each for train, val and test
 TEXT_ONLY = "text-only"
@@ -562,12 +562,16 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if manifest.get("complete") is not True or not ids.is_file() or _sha256(ids) != manifest["ids"]["sha256"]:
         raise ClipmedError(f"{path} belongs to an unfinished or interrupted prepare (its {ids.name} is missing or "
                            f"does not match); run `clipmed prepare` again with --out {directory}")
+    import numpy as np
     import pyarrow.parquet as pq
 
     table = pq.read_table(ids)
+    every = table.column("id").to_pylist()
+    names = table.column("list").combine_chunks()  # dictionary-encoded: compare codes, not a million strings
+    codes = names.indices.to_numpy(zero_copy_only=False)
     lists: dict[str, list[str]] = {name: [] for name in ID_LISTS}
-    for name, rid in zip(table.column("list").to_pylist(), table.column("id").to_pylist()):
-        lists[name].append(rid)
+    for code, name in enumerate(names.dictionary.to_pylist()):
+        lists[name] = [every[i] for i in np.flatnonzero(codes == code)]
     manifest["splits"] = {name: lists[name] for name in SPLITS}
     manifest["text_only"], manifest["image_only"] = lists["text_only"], lists["image_only"]
     return manifest
