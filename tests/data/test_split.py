@@ -316,3 +316,45 @@ def test_paths_outside_the_dataset_are_rejected_and_the_policy_recorded(tmp_path
     assert prepared.manifest["allow_outside_paths"] is True
     assert {entry["uses"] for entry in _rejected(tmp_path / "allowed")} == {"unlabeled"}
     assert prepared.by_id["escape"].image_path == str(outside)
+
+
+def test_validation_indices_are_those_of_the_source_records(tmp_path, dirty):
+    from clipmed.data.sources import load_source
+    from clipmed.data.split import validate
+
+    path, rows = dirty
+    loaded = load_source(str(path))
+    checked = validate(loaded)
+    assert checked.ids == [r.id for r in loaded.records] and checked.locators == loaded.locators
+    assert {loaded.records[i].id for i in checked.text_only} == {r for r in checked.ids if r.startswith("bad-")
+                                                               and r not in ("bad-caption", "bad-null", "bad-both")}
+    duplicate = len(rows) - 1  # the last row repeats the first id: rejected, and not usable
+    assert loaded.records[duplicate].id == rows[0]["id"] and duplicate not in checked.usable
+
+
+def test_a_malformed_or_non_utf8_line_is_one_rejected_row_and_strict_refuses_it(tmp_path, source):
+    path, _ = source
+    with open(path / "metadata.jsonl", "ab") as handle:
+        handle.write(b'{"file_name": "images/img_0000.png", "caption": oops}\n')
+        handle.write(b'{"file_name": "images/img_0000.png", "caption": "caf\xe9", "id": "latin1"}\n')
+    summary = _prepare(path, tmp_path / "out")
+    rejected = [entry for entry in _rejected(tmp_path / "out") if entry["uses"] == "none"]
+    assert rejected == [
+        {"id": None, "locator": "metadata.jsonl:143", "uses": "none",
+         "reason": "unparseable row: not valid JSON (Expecting value)"},
+        {"id": None, "locator": "metadata.jsonl:144", "uses": "none",
+         "reason": "unparseable row: not UTF-8 text (byte 0xe9 at column 53); save metadata.jsonl as UTF-8"}]
+    assert summary["counts"]["rejected"] == {"unparseable row": 2} and summary["counts"]["rows"] == 144
+    with pytest.raises(ClipmedError, match=r"^metadata\.jsonl:143: unparseable row: not valid JSON .*--strict"):
+        _prepare(path, tmp_path / "strict", strict=True)
+
+
+def test_evaluation_of_a_raw_dataset_applies_the_path_policy(tmp_path, source, kit):
+    path, rows = source
+    outside = kit.save_image(tmp_path / "elsewhere" / "x.png")
+    rows.append(dict(rows[0], id="outside", file_name=str(outside)))
+    (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, _ = load_for_evaluation(str(path))
+    assert "outside" not in {r.id for r in records} and len(records) == 117
+    records, _ = load_for_evaluation(str(path), allow_outside_paths=True)
+    assert "outside" in {r.id for r in records}

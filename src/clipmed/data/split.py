@@ -80,8 +80,8 @@ _DEFAULT_FIELDS = FieldMap()
 
 @dataclass
 class Validation:
-    """What validation keeps of each readable, non-duplicate row (its position here is its index): id, raw
-    label and group; which rows are usable, text-only or image-only; the rejections."""
+    """What validation keeps of each readable row (its index here is its index in `LoadedSource.records`): id,
+    locator, raw label and group; which rows are usable, text-only or image-only; the rejections."""
 
     ids: list[str]
     locators: list[str]
@@ -119,6 +119,7 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
     caption_faults: dict[int, str] = {}
     image_faults: dict[int, str] = {}
     first_seen: dict[str, str] = {}
+    duplicates: set[int] = set()
     position = -1
 
     def checked(indices: list[int], faults: list[str | None]) -> None:
@@ -132,16 +133,17 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
             if record is None:
                 reject(position, None, row.locator, "unparseable row", f"unparseable row: {row.problem}", "none")
                 continue
-            if record.id in first_seen:
-                reject(position, record.id, row.locator, "duplicate id",
-                       f"duplicate id (first seen at {first_seen[record.id]})", "none")
-                continue
-            first_seen[record.id] = row.locator
             index = len(ids)
             ids.append(record.id)
             labels.append(record.label)
             groups.append(record.group)
             where.append((position, row.locator))
+            if record.id in first_seen:
+                reject(position, record.id, row.locator, "duplicate id",
+                       f"duplicate id (first seen at {first_seen[record.id]})", "none")
+                duplicates.add(index)
+                continue
+            first_seen[record.id] = row.locator
             if record.caption is None or not record.caption.strip():
                 caption_faults[index] = "missing caption" if record.caption is None else "empty caption"
             if record.image_path is None:
@@ -157,6 +159,8 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
     image_only: list[int] = []
     for index, (at, locator) in enumerate(where):
         caption_fault, image_fault = caption_faults.get(index), image_faults.get(index)
+        if index in duplicates:
+            continue
         if caption_fault and image_fault:
             reject(at, ids[index], locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
         elif caption_fault:
