@@ -180,7 +180,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if not (args.data and args.out):
             raise ClipmedError("train needs --data PREPARED_DIR and --out RUN (or --resume RUN)")
-        config = _train_config(args, data=args.data, out=args.out, model=args.model, objective=args.objective)
+        config = _train_config(args, data=args.data, out=args.out, model=args.model, objective=args.objective,
+                               suite=args.suite, select_by_suite=args.select_by_suite)
         if args.config:
             from .config_files import load_recipe, recipe_train_config, with_overrides
 
@@ -279,7 +280,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
                              n=args.n, seed=args.seed, objectives=tuple(args.objectives.split(",")),
                              train=_train_config(args), epochs=epochs, sweep=args.sweep,
                              sweep_fractions=tuple(float(f) for f in args.fractions.split(",")),
-                             semantic_temperatures=tuple(float(t) for t in args.semantic_temperatures.split(",") if t))
+                             semantic_temperatures=tuple(float(t) for t in args.semantic_temperatures.split(",") if t),
+                             suite=args.suite)
     if args.config:
         from .config_files import load_recipe, with_overrides
 
@@ -437,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--config", metavar="FILE", help="a recipe (configs/*.yaml): its training section, model and "
                    "seed; options typed here override it")
+    p.add_argument("--suite", metavar="SUITE.yaml", help="also score this benchmark suite at every validation "
+                   "(validation.csv and RUN/suite/; see `clipmed benchmark`)")
+    p.add_argument("--select-by-suite", action="store_true",
+                   help="choose the checkpoint by the suite's average instead of the validation score")
     _add_train_options(p, objective=True)
     p.set_defaults(func=cmd_train)
 
@@ -499,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra semantic runs with these target temperatures, compared in the report ('' for none)")
     p.add_argument("--sweep", action="store_true", help="add the data-efficiency sweep (see `clipmed sweep`)")
     p.add_argument("--fractions", default="0.1,0.25,0.5,1", help="train shares for --sweep")
+    p.add_argument("--suite", metavar="SUITE.yaml", help="also score every model on this benchmark suite and add "
+                   "its table to the report (see `clipmed benchmark`)")
     _add_data_options(p)
     _add_train_options(p, objective=False)
     p.set_defaults(func=cmd_reproduce)

@@ -17,12 +17,14 @@ import torch
 
 from .data.records import FieldMap
 from .data.split import PreparedData, load_prepared, prepare
+from .evaluation.benchmark import BenchmarkConfig, load_suite, run_benchmark
 from .evaluation.evaluate import EvalConfig, Embeddings, full_evaluation, zero_shot_evaluation
 from .io import read_json, write_json_atomic
 from .knowledge import load_templates
 from .locking import FileLock
 from .models import DEFAULT_SPEC, load_model
 from .report.figures import data_efficiency_figure, embedding_figure, per_class_figure
+from .report.benchmark import write_benchmark_report
 from .report.gallery import build_gallery
 from .report.html import write_html_report
 from .report.markdown import write_report
@@ -55,6 +57,7 @@ class ReproduceConfig:
     semantic_temperatures: tuple[float, ...] = (1.0,)
     sweep: bool = False
     sweep_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    suite: str | None = None  # a benchmark suite YAML: every model scored on it, the table added to the report
 
 
 def _log(message: str) -> None:
@@ -140,6 +143,14 @@ def _reproduce(config: ReproduceConfig, *, progress: bool) -> dict:
     if config.sweep:
         metrics["sweep"] = sweep(prepared, out, config, reuse=runs, progress=progress)
         figures.append("data_efficiency.png")
+    if config.suite:
+        _log(f"benchmark suite: {config.suite}")
+        specs = {"base": config.model, **{name: str(run) for name, run in runs.items()}}
+        bench = BenchmarkConfig(n_boot=config.evaluation.n_boot, seed=config.seed, precision=config.evaluation.precision)
+        metrics["benchmark"] = run_benchmark(specs, load_suite(config.suite), bench, device=config.train.device,
+                                             progress=progress)
+        write_json_atomic(out / "benchmark" / "benchmark.json", metrics["benchmark"])
+        write_benchmark_report(out / "benchmark", metrics["benchmark"])
     write_json_atomic(out / "metrics.json", metrics)
     elapsed = time.time() - started
     context = _report_context(config, prepared, elapsed, figures)

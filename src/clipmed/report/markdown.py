@@ -59,6 +59,7 @@ def render_report(metrics: dict, context: dict) -> str:
     lines += _probe(models)
     lines += _retrieval(models)
     lines += _semantic_temperature(metrics.get("semantic_temperature", {}))
+    lines += _benchmark(metrics.get("benchmark"))
     lines += _figure_section("Image embeddings (t-SNE)", EMBEDDINGS_PNG, figures)
     lines += _figure_section("Data efficiency", DATA_EFFICIENCY_PNG, figures)
     others = [f for f in figures if f not in (PER_CLASS_PNG, EMBEDDINGS_PNG, DATA_EFFICIENCY_PNG)]
@@ -226,6 +227,19 @@ def _at(direction: dict, kind: str, k: int) -> str:
     value = direction.get(f"{kind}_at", {}).get(str(k))
     ci = direction.get("ci95", {}).get(f"{kind}@{k}")
     return _pct(value) if ci is None else _pct_ci(value, ci)
+
+
+def _benchmark(benchmark: dict | None) -> list[str]:
+    """The benchmark suite's headline tables (`clipmed reproduce --suite`); every metric is in benchmark/."""
+    if benchmark is None:
+        return []
+    from clipmed.report.benchmark import benchmark_tables  # it renders with this module's table helpers
+
+    tables = [f"#{line}" if line.startswith("## ") else line for line in benchmark_tables(benchmark)]
+    return (["## Benchmark suite", "",
+             f"Every model zero-shot on each dataset of `{benchmark['suite']}` (prompt ensembles, 95% bootstrap "
+             "intervals; bold: an interval above every other model's). All metrics, calibration and ranks: "
+             "`benchmark/benchmark.md`.", ""] + tables)
 
 
 def _figure_section(title: str, name: str, figures: list[str]) -> list[str]:

@@ -47,6 +47,8 @@ class TrainConfig:
     fraction: float = 1.0               # share of the training rows used (data-efficiency sweeps)
     device: str = "cpu"
     report_to: tuple[str, ...] = ()     # tensorboard and/or wandb, besides metrics.csv (training/logging.py)
+    suite: str | None = None            # a benchmark suite YAML scored at every validation (logged, RUN/suite/)
+    select_by_suite: bool = False       # choose the checkpoint by the suite's average instead of the val score
 
     def resolved_lr_clip(self) -> float:
         return self.lr_clip if self.lr_clip is not None else CLIP_PRETRAIN_LR * self.batch_size / CLIP_PRETRAIN_BATCH

@@ -23,6 +23,8 @@ from ..data.records import Record
 from ..data.split import PreparedData, load_prepared
 from ..devices import check_device
 from ..errors import ClipmedError
+from ..evaluation.benchmark import (BenchmarkConfig, DatasetData, evaluate_model, headline, load_suite, read_suite,
+                                    summarize)
 from ..evaluation.embed import embed_images, embed_texts
 from ..evaluation.metrics import retrieval_metrics
 from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
@@ -100,6 +102,10 @@ def _semantic_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
                         concepts=torch.from_numpy(numpy.concatenate([concepts, label_concepts])))
 
 
+# Bootstrap resamples of the suite scored at each validation (the log holds point estimates).
+SUITE_N_BOOT = 200
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch depends only on (seed, epoch): a resumed run replays it exactly."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -125,6 +131,27 @@ def validation_score(model: ClipModel, val: list[Record], classes: list[str], co
     texts = embed_texts(model, [r.caption for r in val], precision=config.precision)
     retrieval = retrieval_metrics(images.numpy(), texts.numpy(), ks=(1,), n_boot=1)
     return "val_mean_recall_at_1", float(retrieval["mean_recall_at_1"])
+
+
+def suite_validation(model: ClipModel, suite: list[DatasetData], run: Path, step: int,
+                     config: TrainConfig) -> dict[str, float]:
+    """Score the benchmark suite now: the full results go to RUN/suite/step-<step>.json, and the returned
+    {name: value} to the validation log: `suite_<dataset>` (its headline), `suite_multiclass_top1` and
+    `suite_multilabel_auroc` (the averages), and `suite_average` (the multiclass average, else the multilabel
+    one) that `select_by_suite` selects by. Intervals use fewer resamples than `clipmed benchmark` (cheap at
+    every validation); nothing is cached, the weights change every time."""
+    bench = BenchmarkConfig(n_boot=SUITE_N_BOOT, seed=config.seed, precision=config.precision,
+                            batch_size=config.eval_batch_size, cache=False)
+    evaluation = evaluate_model(model, suite, bench)
+    average = summarize({"model": evaluation}, suite)["average"]["model"]
+    write_json_atomic(run / "suite" / f"step-{step}.json", {"step": step, "results": evaluation.results,
+                                                             "average": average})
+    values = {f"suite_{name}": headline(result)[0] for name, result in evaluation.results.items()}
+    values.update({f"suite_{key}": entry["value"] for key, entry in average.items() if entry is not None})
+    chosen = average["multiclass_top1"] or average["multilabel_auroc"]
+    if chosen is not None:
+        values["suite_average"] = chosen["value"]
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def save_model_atomically(model: ClipModel, run: Path) -> None:
@@ -185,6 +212,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     world.barrier()  # every rank checked before rank 0 writes run.json
     if world.distributed and config.accum_steps > 1:
         raise ClipmedError("--accum-steps with several processes is not supported: use one or the other")
+    if config.select_by_suite and not config.suite:
+        raise ClipmedError("--select-by-suite needs --suite SUITE.yaml")
     if config.local_loss and config.objective != "caption":
         raise ClipmedError(f"--local-loss applies to the caption objective (CLIP's loss), not {config.objective!r}: "
                            "drop --local-loss")
@@ -206,6 +235,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                "GPUs only: keep BatchNorm statistics frozen (the default) or train on GPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     rows, val, unreadable = _drop_unreadable(rows, prepared.records("val"), model, progress)
+    suite = read_suite(load_suite(config.suite)) if config.suite and world.is_main else None
     optimizer, groups = build_optimizer(model, config)  # also freezes locked towers (requires_grad False)
     runner = _step_runner(model, config, world, rows, prepared)
     steps_per_epoch = len(rows.records) // config.batch_size  # drop_last: a tiny final batch has no negatives
@@ -268,6 +298,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         if world.is_main:
             score_name, score = validation_score(model, val, prepared.classes, config)
             logger.validation(step, score_name, score)
+            if suite is not None:
+                for name, value in suite_validation(model, suite, run, step, config).items():
+                    logger.validation(step, name, value)
+                    if config.select_by_suite and name == "suite_average":
+                        score_name, score = name, value
             if score > best:
                 best, best_epoch = score, epoch
                 save_model_atomically(model, run)
