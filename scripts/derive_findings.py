@@ -1,4 +1,4 @@
-"""Derive a multilabel `findings` field from a dataset's captions, for benchmark suites (configs/roco-suite.yaml).
+"""Derive a multilabel `findings` field from a dataset's captions, for benchmark suites (configs/suites/roco.yaml).
 
 Each row's findings are the concepts of clipmed's vocabulary in the `finding` group that its caption mentions
 as present (clipmed.knowledge's extraction: negated and uncertain mentions do not count). The output is an

@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("benchmark", help="zero-shot scores of several models on every dataset of a suite")
     p.add_argument("--model", nargs="+", action="extend", required=True, metavar="[NAME=]MODEL",
                    help="run folders, saved models or specs; NAME= sets the column name (default: the folder's name)")
-    p.add_argument("--suite", required=True, help="a suite YAML (configs/roco-suite.yaml shows the keys)")
+    p.add_argument("--suite", required=True, help="a suite YAML (configs/suites/roco.yaml shows the keys)")
     p.add_argument("--out", required=True, help="folder for benchmark.json, benchmark.md and benchmark.html")
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on each dataset's val split and report the ECE before and after")

@@ -141,7 +141,7 @@ def _checked(d: SuiteDataset, index: int, path: Path, base: Path) -> SuiteDatase
     def resolve(key: str, value: str | None) -> str | None:
         if value is None or value.startswith("hf:"):
             return value
-        resolved = base / Path(value).expanduser()
+        resolved = (base / Path(value).expanduser()).resolve()
         if not resolved.exists():
             raise ClipmedError(f"{where}: {key} {value!r} not found ({resolved}); paths are relative to the suite "
                                "file's folder")
