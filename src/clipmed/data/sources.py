@@ -715,7 +715,8 @@ def _records(rows: Iterable[tuple[str, Any]], cols: _Columns, paths: _PathPolicy
 
 
 def _is_scalar(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float, bool))) or (isinstance(value, str) and _is_unicode(value))
+    """Values kept in Record.extra: plain JSON scalars, text only when it can be written back out."""
+    return value is None or isinstance(value, (int, float, bool)) or (isinstance(value, str) and _is_unicode(value))
 
 
 def _text(value: Any, what: str) -> str | None:
