@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -24,20 +25,28 @@ ROCO = REPO.parent / "shared" / "datasets" / "roco-radiology"
 PEAK_SHAPES = ((2048, 2048, 2048), (3072, 3072, 3072), (4096, 4096, 4096), (1600, 768, 3072), (1600, 3072, 768))
 
 
-def bf16_matmul_peak(shapes=PEAK_SHAPES, repeats: int = 10) -> float:
+def bf16_matmul_peak(shapes=PEAK_SHAPES, repeats: int = 10, device: str = "cpu") -> float:
     """Measured bf16 matmul throughput in FLOP/s (2 m k n per product), best over `shapes` and `repeats`: the
     MFU denominator. A single shape timed once can land on a slow moment of a shared machine; the benchmarks
     measure it before and after their runs and keep the higher."""
     best = 0.0
     for m, k, n in shapes:
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
         a @ b
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             a @ b
+            synchronize(device)
             best = max(best, 2 * m * k * n / (time.perf_counter() - start))
     return best
+
+
+def synchronize(device: str) -> None:
+    """Wait for a GPU's queued work (timing on a GPU without it measures the launch, not the work)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def clip_tokenizer_dir() -> str:
@@ -70,6 +79,19 @@ def synthetic_records(n: int, size: int = 256, seed: int = 0):
     return records
 
 
+def synthetic_imagefolder(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
+    """An imagefolder dataset (metadata.jsonl + images) of n random images with captions and 3 labels, for
+    benchmarks that run the whole trainer (speed does not depend on the pixels)."""
+    records = synthetic_records(n, size=size, seed=seed)
+    classes = ("Chest", "Head", "Abdomen")
+    with open(root / "metadata.jsonl", "w") as handle:
+        for i, record in enumerate(records):
+            handle.write(json.dumps({"file_name": record.image_path, "id": f"row{i}", "article": f"a{i // 2}",
+                                     "caption": f"Radiograph {i} of the {classes[i % 3].lower()} showing a mass.",
+                                     "body_part": classes[i % 3]}) + "\n")
+    return root
+
+
 def roco_captions(n: int) -> list[str]:
     """Real captions (roco-radiology) in file order; falls back to synthetic ones when the data is absent."""
     path = ROCO / "metadata.jsonl"
@@ -96,8 +118,15 @@ def alternate(contenders: dict[str, Callable[[], None]], *, warmup: int, steps: 
 
 
 def machine() -> dict:
+    """The machine a benchmark ran on: CPU model (as lscpu names it), the flags clipmed's rules read, and the
+    load average when it started (a shared machine's other work slows every contender)."""
+    from clipmed.machine import facts
+
+    described = facts("cpu").to_dict()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "cpu_model": described["cpu_model"], "cpu_flags": described["cpu_flags"],
+            "cpu_capability": described["cpu_capability"], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
 
 
 def write_results(path: str | None, results: dict) -> None:

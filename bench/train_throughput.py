@@ -17,6 +17,7 @@ each one's gain is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -46,20 +47,35 @@ def scenario_texts(scenario: str, rng: random.Random) -> tuple[list[str], list[s
     return rng.sample(captions, BATCH), None
 
 
-# What each ablation turns off in clipmed's step (the rest stays on).
-ABLATIONS = {"sdpa attention": "eager_attention", "foreach AdamW": "fused_adamw",
+# What each ViT-B/32 ablation turns off in clipmed's step (the rest stays on): TrainConfig fields, or means the
+# trainer has no option for ("fused_adamw", "pooled_last_layer").
+ABLATIONS = {"sdpa attention": {"attention": "fused"}, "foreach AdamW": "fused_adamw",
              "full last layer": "pooled_last_layer"}
+
+
+def dual_ablations(choices) -> dict[str, dict]:
+    """The dual model's rows beside its machine-decided step: the step as it was before per-machine choices
+    (bf16 both towers, contiguous, BatchNorm unfolded), then each choice flipped alone (TrainConfig fields)."""
+    flip = {"bf16": "fp32", "fp32": "bf16"}
+    return {"bf16, contiguous, BatchNorm not folded (before)": {"precision": "bf16", "memory_format": "contiguous",
+                                                                "fuse_conv_bn": False},
+            f"image tower {flip[choices.image_precision]}": {"image_precision": flip[choices.image_precision]},
+            f"text tower {flip[choices.text_precision]}": {"text_precision": flip[choices.text_precision]},
+            "channels_last" if choices.memory_format == "contiguous" else "contiguous":
+                {"memory_format": "channels_last" if choices.memory_format == "contiguous" else "contiguous"},
+            "BatchNorm not folded" if choices.fuse_conv_bn else "BatchNorm folded": {"fuse_conv_bn": not choices.fuse_conv_bn}}
 
 
 def clipmed_step(model, objective: str, records, texts, labels, without: tuple[str, ...] = (), **options):
     """One step of clipmed's trainer (StepRunner + its optimizer) on a fixed batch; `options` are TrainConfig
-    fields (accum_steps, ...); `without` names means to turn off (values of ABLATIONS)."""
+    fields (precision, accum_steps, ...); `without` names means the trainer has no option for
+    ("fused_adamw", "pooled_last_layer")."""
     from clipmed.training.config import TrainConfig
     from clipmed.training.optim import build_optimizer
     from clipmed.training.step import StepRunner, make_batch
     from clipmed.training.train import TrainingRows, build_loss
 
-    config = TrainConfig(objective=objective, batch_size=len(records), precision="bf16", lr_clip=1e-5, **options)
+    config = TrainConfig(objective=objective, batch_size=len(records), lr_clip=1e-5, **options)
     classes = sorted(set(labels)) if labels else []
     rows = TrainingRows(list(records), list(texts), [True] * len(records), classes,
                         labels=torch.tensor([classes.index(x) for x in labels]) if labels else None)
@@ -70,33 +86,32 @@ def clipmed_step(model, objective: str, records, texts, labels, without: tuple[s
                                        for g in optimizer.param_groups], betas=(0.9, 0.98), eps=1e-6, foreach=True)
     model.set_train_mode(freeze_batchnorm=True)
     batch = make_batch(rows, torch.arange(len(records)), config)
-    # Ablations of one shared model set its switches before each of their steps.
-    attention = "sdpa" if "eager_attention" in without else "eager"
+    # Ablations of one shared ViT model set its switches before each of their steps.
     pooled = getattr(model, "_pooled_forward", False) and "pooled_last_layer" not in without
 
     def step() -> None:
         if hasattr(model, "_pooled_forward"):
             model._pooled_forward = pooled
-            if model.model.config._attn_implementation != attention:
-                model.model.set_attn_implementation(attention)
+        model.select_attention(runner.choices.attention)
         optimizer.zero_grad(set_to_none=True)
         runner(batch)
         optimizer.step()
     return step
 
 
-def transformers_step(config, tokenizer, pixels, texts):
+def transformers_step(config, tokenizer, pixels, texts, device: str = "cpu"):
     """The plain transformers loop: CLIPModel(..., return_loss=True) + AdamW, texts padded to 77 as
     transformers' CLIP training example does."""
     from transformers import CLIPModel
 
-    model = CLIPModel(config).train()
-    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    model = CLIPModel(config).to(device).train()
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(device)
+    pixels = pixels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             loss = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels,
                          return_loss=True).loss
         loss.backward()
@@ -104,18 +119,19 @@ def transformers_step(config, tokenizer, pixels, texts):
     return step
 
 
-def open_clip_step(pixels, texts):
+def open_clip_step(pixels, texts, device: str = "cpu"):
     """open_clip's ViT-B-32 with its ClipLoss and AdamW, as its trainer runs a step (tokens always 77)."""
     import open_clip
 
-    model = open_clip.create_model("ViT-B-32", pretrained=None, output_dict=True).train()
-    tokens = open_clip.tokenize(texts)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, output_dict=True).to(device).train()
+    tokens = open_clip.tokenize(texts).to(device)
+    pixels = pixels.to(device)
     loss_fn = open_clip.loss.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             out = model(pixels, tokens)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
@@ -157,12 +173,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--scenarios", default="77,captions,labels,dual")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one clipmed step of the 77-token scenario (torch.profiler)")
+                        help="also profile one clipmed step of the 77-token and dual scenarios (torch.profiler)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from clipmed.data.datasets import IMAGE_CACHE, stack_images
+    from clipmed.machine import Speed, attention_for, facts, resolve
     from clipmed.models import HFCLIP, load_model
 
     torch.manual_seed(0)
@@ -190,29 +207,38 @@ def main() -> None:
         texts, labels = scenario_texts("captions" if scenario == "dual" else scenario, rng)
         objective = "label" if labels else "caption"
         if scenario == "dual":
+            # One model per contender: each holds its own memory format.
             model = load_model("dual:efficientnet-lite0+minilm")
+            choices = resolve(Speed(), facts("cpu"))[0]
+            results["dual_choices"] = choices.to_dict()
             contenders = {"clipmed": clipmed_step(model, objective, records, texts, labels)}
+            for name, options in dual_ablations(choices).items():
+                contenders[f"clipmed, {name}"] = clipmed_step(load_model("dual:efficientnet-lite0+minilm"), objective,
+                                                              records, texts, labels, **options)
             text_tokens = model.tokenize(texts)["input_ids"].shape[1]
             nominal = executed = 3 * forward_flops_per_pair(model.encode_image, model.encode_text, 224, text_tokens)
         else:
             model = HFCLIP(CLIPModel(vit_b32), processor, source="bench")
-            contenders = {"clipmed": clipmed_step(model, objective, records, texts, labels),
+            # Every ViT-B/32 contender runs bf16 autocast: the same work.
+            contenders = {"clipmed": clipmed_step(model, objective, records, texts, labels, precision="bf16"),
                           "transformers": transformers_step(vit_b32, tokenizer, pixels, texts),
                           "open_clip": open_clip_step(pixels, texts)}
             if scenario == "77":
                 for name, switch in ABLATIONS.items():
+                    options = switch if isinstance(switch, dict) else {}
+                    without = () if isinstance(switch, dict) else (switch,)
                     contenders[f"clipmed, {name}"] = clipmed_step(model, objective, records, texts, labels,
-                                                                  without=(switch,))
-            model.select_attention(torch.device("cpu"))
+                                                                  without=without, precision="bf16", **options)
+            model.select_attention(attention_for("cpu"))
             nominal, text_tokens = nominal_vit_b32, 77
             # Executed FLOPs are comparable only where clipmed encodes the same texts (77 tokens each); with
             # captions and prompts it also skips padding and repeats, and nominal MFU can pass 100%.
             executed = (3 * forward_flops_per_pair(model.encode_image, model.encode_text, 224, text_tokens)
                         if scenario == "77" else None)
         seconds = alternate(contenders, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
-        if args.profile and scenario == "77":
-            results["profile_77_clipmed"] = profile_step(contenders["clipmed"])
-            for row in results["profile_77_clipmed"]:
+        if args.profile and scenario in ("77", "dual"):
+            results[f"profile_{scenario}_clipmed"] = profile_step(contenders["clipmed"])
+            for row in results[f"profile_{scenario}_clipmed"]:
                 print(f"{100 * row['share']:5.1f}%  {row['ms']:8.1f} ms  {row['calls']:5d}  {row['op']}")
         entry = {name: {"pairs_per_s": BATCH / s, "seconds_per_step": s, "flops": nominal}
                  for name, s in seconds.items()}
@@ -222,6 +248,7 @@ def main() -> None:
             entry["clipmed_executed_train_flops_per_pair"] = executed
         results["scenarios"][scenario] = entry
         del contenders, model
+    results["load_average_after"] = os.getloadavg()
 
     # The peak again after the runs: a shared machine can be slow at any one moment; MFU uses the higher.
     results["bf16_peak_tflops_before_after"] = [peak / 1e12, bf16_matmul_peak() / 1e12]

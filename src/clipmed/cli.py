@@ -75,11 +75,24 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
                        help="tau_t of the semantic matching targets softmax(s / tau_t)")
     group.add_argument("--entities-from", choices=["captions", "labels", "both"], default=defaults.entities_from)
     group.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
-    group.add_argument("--precision", choices=["bf16", "fp32"], default=defaults.precision)
+    group.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
+                       help="both towers' autocast (auto: decided for this machine, recorded in run.json)")
+    group.add_argument("--image-precision", choices=["auto", "bf16", "fp32"], default=defaults.image_precision,
+                       help="the image tower's, over --precision")
+    group.add_argument("--text-precision", choices=["auto", "bf16", "fp32"], default=defaults.text_precision,
+                       help="the text tower's, over --precision")
+    group.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"],
+                       default=defaults.memory_format, help="a convolutional image tower's memory format")
+    group.add_argument("--fuse-conv-bn", choices=["auto", "on", "off"], default="auto",
+                       help="fold frozen BatchNorm into the convolution before it (same function, one pass)")
+    group.add_argument("--attention", choices=["auto", "matmul", "fused"], default=defaults.attention,
+                       help="attention kernel: plain matmul + softmax, or torch's fused kernels")
+    group.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: auto)")
     group.add_argument("--accum-steps", type=int, default=defaults.accum_steps,
                        help="micro-batches per step; the loss still sees every negative of --batch-size (GradCache)")
     group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
-    group.add_argument("--compile", action="store_true", help="torch.compile the trainable towers")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the trainable towers (default: decided for this machine)")
     group.add_argument("--local-loss", action="store_true",
                        help="under torchrun, caption objective: each process computes the loss terms of its own rows "
                             "against the global batch (open_clip's local loss; same loss, less logit memory)")
@@ -101,7 +114,10 @@ def _train_config(args: argparse.Namespace, **overrides):
                   lock_image=args.lock_image, lock_text=args.lock_text, freeze_batchnorm=not args.update_batchnorm,
                   label_template=args.label_template, label_targets=args.label_targets,
                   semantic_temperature=args.semantic_temperature, entities_from=args.entities_from,
-                  vocabulary=args.vocabulary, precision=args.precision, accum_steps=args.accum_steps,
+                  vocabulary=args.vocabulary, precision=args.precision, image_precision=args.image_precision,
+                  text_precision=args.text_precision, memory_format=args.memory_format,
+                  fuse_conv_bn={"auto": None, "on": True, "off": False}[args.fuse_conv_bn], attention=args.attention,
+                  threads=args.threads, accum_steps=args.accum_steps,
                   grad_checkpointing=args.grad_checkpointing, compile=args.compile, local_loss=args.local_loss,
                   feature_cache=not args.no_feature_cache,
                   checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device,
@@ -501,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-epochs", type=int)
     p.add_argument("--label-epochs", type=int)
     p.add_argument("--semantic-epochs", type=int)
-    p.add_argument("--semantic-temperatures", default="1",
-                   help="extra semantic runs with these target temperatures, compared in the report ('' for none)")
+    p.add_argument("--semantic-temperatures", default="",
+                   help="extra semantic runs with these target temperatures, compared in the report (e.g. 1: "
+                        "MedCLIP's own; default none)")
     p.add_argument("--sweep", action="store_true", help="add the data-efficiency sweep (see `clipmed sweep`)")
     p.add_argument("--fractions", default="0.1,0.25,0.5,1", help="train shares for --sweep")
     p.add_argument("--suite", metavar="SUITE.yaml", help="also score every model on this benchmark suite and add "

@@ -53,8 +53,9 @@ class ReproduceConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     epochs: dict[str, int] = field(default_factory=dict)  # per objective, overriding train.epochs
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    # Extra semantic runs with other target temperatures, reported beside the main one (MedCLIP's code: 1.0).
-    semantic_temperatures: tuple[float, ...] = (1.0,)
+    # Extra semantic runs with other target temperatures, reported beside the main one; none by default (the
+    # comparison with MedCLIP's own tau_t = 1 is `--semantic-temperatures 1`, one more semantic run).
+    semantic_temperatures: tuple[float, ...] = ()
     sweep: bool = False
     sweep_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
     suite: str | None = None  # a benchmark suite YAML: every model scored on it, the table added to the report

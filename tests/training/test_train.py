@@ -169,3 +169,51 @@ def test_semantic_objective_trains_on_decoupled_batches(prepared_decoupled, tiny
     losses = _losses(run)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert json.loads((run / "run.json").read_text())["n_training_rows"] == len(rows.records)
+
+
+def test_a_resumed_run_reuses_its_recorded_speed_choices(prepared_synthetic, tiny_dual_folder, tmp_path, monkeypatch):
+    from clipmed.machine import Facts
+
+    def machine(flags):
+        return lambda device: Facts(device="cpu", cpu_model="test", cpu_flags=frozenset(flags), cpu_capability="AVX512",
+                                    cores=torch.get_num_threads())
+
+    seen = []
+
+    class Recording(train_module.StepRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.choices)
+
+    monkeypatch.setattr(train_module, "StepRunner", Recording)
+    monkeypatch.setattr(train_module, "facts", machine({"avx512_bf16", "amx_bf16"}))
+    run = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", precision="auto", memory_format="contiguous",
+                        max_steps=1, epochs=1), progress=False)
+    recorded = json.loads((run / "run.json").read_text())["machine"]
+    assert (seen[0].image_precision, seen[0].text_precision, seen[0].memory_format) == ("fp32", "bf16", "contiguous")
+    assert recorded["choices"] == seen[0].to_dict() and "forced: memory_format" in recorded["decided_by"]
+
+    monkeypatch.setattr(train_module, "facts", machine({"avx2"}))  # a machine whose rule says fp32 everywhere
+    train(TrainConfig(out=str(run)), resume=True, progress=False)
+    assert seen[1] == seen[0]
+    assert json.loads((run / "run.json").read_text())["machine"] == recorded
+
+
+def test_optimizer_state_follows_its_parameters_memory_layout():
+    from clipmed.training.optim import load_optimizer_state
+
+    weight, grad = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+
+    def stepped(layout, state=None):
+        param = torch.nn.Parameter(weight.clone().contiguous(memory_format=layout))
+        optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+        if state is not None:
+            load_optimizer_state(optimizer, state)
+        (param * grad).sum().backward()
+        optimizer.step()
+        return param.detach(), optimizer
+
+    _, contiguous = stepped(torch.contiguous_format)
+    expected, _ = stepped(torch.contiguous_format, contiguous.state_dict())
+    resumed, _ = stepped(torch.channels_last, contiguous.state_dict())
+    assert torch.allclose(resumed, expected, atol=1e-6)

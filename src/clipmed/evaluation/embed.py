@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import stack_images
 from ..data.records import Record
+from ..machine import attention_for
 from ..models.base import ClipModel
 from ..precision import autocast
 
@@ -36,7 +37,7 @@ def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int
                  progress: bool = False) -> torch.Tensor:
     """L2-normalised float32 image embeddings [N, D] in record order."""
     device = _device(model)
-    model.select_attention(device)
+    model.select_attention(attention_for(device))
     size, interp = model.preprocess.size, model.preprocess.interpolation
     chunks = []
     starts = range(0, len(records), batch_size)
@@ -53,7 +54,7 @@ def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128
                 progress: bool = False) -> torch.Tensor:
     """L2-normalised float32 text embeddings [N, D] in input order."""
     device = _device(model)
-    model.select_attention(device)
+    model.select_attention(attention_for(device))
     chunks = []
     # Sorted by length so that each batch pads only to its own longest text; results return in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

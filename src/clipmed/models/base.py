@@ -93,6 +93,8 @@ class ClipModel(nn.Module):
     """
 
     family: str = ""
+    # "conv" (a CNN) or "transformer" (a ViT): clipmed.machine's speed rules differ between the two.
+    image_tower_kind: str = "transformer"
     preprocess: ImagePreprocess
     logit_scale: nn.Parameter  # log of the inverse temperature, as CLIP
 
@@ -144,9 +146,20 @@ class ClipModel(nn.Module):
         """Recompute tower activations in backward instead of storing them: less memory, ~30% more compute."""
         raise NotImplementedError
 
-    def select_attention(self, device: torch.device) -> None:
-        """Use the attention kernel that runs fastest on `device`; the results are the same either way.
-        Families without a choice keep what they have."""
+    def select_attention(self, kind: str) -> None:
+        """Attention kernel: "matmul" (plain matmul + softmax) or "fused" (torch's fused scaled-dot-product
+        kernels, or what the model was loaded with); clipmed.machine decides which runs faster on a device. The
+        results are the same either way. Families without a choice keep what they have."""
+
+    def set_speed(self, *, channels_last: bool, fuse_conv_bn: bool) -> None:
+        """Layout choices of a convolutional image tower (clipmed.machine decides them): channels_last memory
+        format, frozen BatchNorm folded into the convolution before it. Same function either way; families
+        without convolutions to speak of (ViTs) keep what they have."""
+
+    def compile_towers(self, names: Sequence[str]) -> None:
+        """torch.compile the forward of the named towers ("image", "text")."""
+        for name in names:
+            self.towers()[name].compile()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

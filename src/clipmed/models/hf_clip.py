@@ -72,11 +72,9 @@ class HFCLIP(ClipModel):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         set_hf_checkpointing(self.model, enabled)
 
-    def select_attention(self, device: torch.device) -> None:
-        # On the CPU, torch's fused (flash) attention kernel has a slow backward: at CLIP's 50 and 77 tokens it
-        # took a fifth of a ViT-B/32 training step. Plain matmul + softmax ("eager") made the step 1.23x faster
-        # and inference no slower (bench/train_throughput.py). Elsewhere keep what the model was loaded with.
-        wanted = "eager" if torch.device(device).type == "cpu" else self._loaded_attention
+    def select_attention(self, kind: str) -> None:
+        # "matmul" is transformers' eager attention; "fused" keeps what the model was loaded with (sdpa by default).
+        wanted = "eager" if kind == "matmul" else self._loaded_attention
         if self.model.config._attn_implementation == wanted or not hasattr(self.model, "set_attn_implementation"):
             return
         try:

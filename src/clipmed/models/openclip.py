@@ -54,6 +54,7 @@ class OpenCLIP(ClipModel):
         self.origin = origin
         self._bpe = isinstance(tokenizer, import_open_clip().tokenizer.SimpleTokenizer)
         self.preprocess = _preprocess(model.visual.preprocess_cfg)
+        self.image_tower_kind = "transformer" if type(model.visual).__name__ == "VisionTransformer" else "conv"
         # Set through object.__setattr__ so that it is no registered child: its parameters are the model's own,
         # listed once under `model.`.
         text = getattr(model, "text", None)
@@ -83,11 +84,10 @@ class OpenCLIP(ClipModel):
     def project_text(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
-    def select_attention(self, device: torch.device) -> None:
-        # open_clip's attention calls torch's scaled_dot_product_attention, whose fused CPU kernel has a slow
-        # backward at CLIP's 50-77 tokens; its math backend (matmul + softmax) computes the same, and a ViT-B/32
-        # training step ran 1.15x faster with it.
-        self._sdpa_backends = [SDPBackend.MATH] if torch.device(device).type == "cpu" else None
+    def select_attention(self, kind: str) -> None:
+        # open_clip's attention calls torch's scaled_dot_product_attention: "matmul" is its math backend (on the
+        # CPU a ViT-B/32 training step ran 1.15x faster with it than with the fused kernel), "fused" torch's choice.
+        self._sdpa_backends = [SDPBackend.MATH] if kind == "matmul" else None
 
     def _attention(self):
         # The choice holds inside the encoders' forward only: with gradient checkpointing, backward recomputes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..machine import Speed
 from ..models import DEFAULT_SPEC
 
 # CLIP ViT-B/32 pretraining: lr 5e-4 at batch 32,768. Fine-tuning a pretrained CLIP scales it by batch size
@@ -33,10 +34,18 @@ class TrainConfig:
     semantic_temperature: float = 0.1   # tau_t of the semantic matching targets
     entities_from: str = "captions"     # captions | labels | both (semantic objective)
     vocabulary: str | None = None       # a concepts YAML replacing the packaged one (semantic objective)
-    precision: str = "bf16"
+    # Speed choices (clipmed.machine decides each per machine; "auto" / None / 0 leave it to its rule table,
+    # anything else forces it). A run records the resolved choices in run.json; a resumed run reuses them.
+    precision: str = "auto"             # both towers' autocast: bf16 | fp32
+    image_precision: str = "auto"       # the image tower's, over `precision`
+    text_precision: str = "auto"        # the text tower's, over `precision`
+    memory_format: str = "auto"         # image tower: channels_last | contiguous
+    fuse_conv_bn: bool | None = None    # frozen BatchNorm folded into the convolution before it
+    attention: str = "auto"             # matmul (plain matmul + softmax) | fused (torch's fused kernels)
+    threads: int = 0                    # torch intra-op threads
     accum_steps: int = 1                # micro-batches per step; the loss still sees the whole batch (GradCache)
     grad_checkpointing: bool = False    # recompute tower activations in backward: less memory, more compute
-    compile: bool = False               # torch.compile the trainable towers
+    compile: bool | None = None         # torch.compile the trainable towers
     local_loss: bool = False            # several processes: each computes only its rows' terms (open_clip's)
     text_bucket: int = 8                # texts encoded in length-sorted groups of this size (less padding)
     feature_cache: bool = True          # a locked tower's features are computed once and cached on disk (LiT)
@@ -49,6 +58,13 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()     # tensorboard and/or wandb, besides metrics.csv (training/logging.py)
     suite: str | None = None            # a benchmark suite YAML scored at every validation (logged, RUN/suite/)
     select_by_suite: bool = False       # choose the checkpoint by the suite's average instead of the val score
+
+    def speed(self) -> Speed:
+        """The speed choices asked for (clipmed.machine.resolve puts them over its rule table)."""
+        return Speed(precision=self.precision, image_precision=self.image_precision, text_precision=self.text_precision,
+                     memory_format=self.memory_format, fuse_conv_bn=self.fuse_conv_bn, attention=self.attention,
+                     threads=self.threads,
+                     compile=self.compile)
 
     def resolved_lr_clip(self) -> float:
         return self.lr_clip if self.lr_clip is not None else CLIP_PRETRAIN_LR * self.batch_size / CLIP_PRETRAIN_BATCH

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ..data.datasets import stack_images
 from ..data.records import Record
 from ..io import atomic_write
+from ..machine import attention_for
 from ..models.base import ClipModel
 from ..precision import autocast
 
@@ -63,7 +64,7 @@ class LockedFeatures:
         was_training = tower.training
         tower.eval()
         device = next(model.parameters()).device
-        model.select_attention(device)
+        model.select_attention(attention_for(device))
         chunks = []
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]

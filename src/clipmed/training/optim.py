@@ -33,6 +33,17 @@ def build_optimizer(model: ClipModel, config: TrainConfig) -> tuple[torch.optim.
     return optimizer, described
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, then each moment tensor put in its parameter's memory layout: the fused step
+    walks a parameter and its moments in memory order, so a checkpoint written with another layout (an image
+    tower switched to channels_last) would otherwise pair the wrong elements."""
+    optimizer.load_state_dict(state)
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                values[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -12,6 +12,8 @@ from torch.nn import functional as F
 
 from ..data.datasets import stack_images
 from ..data.records import Record
+from ..machine import Choices, resolve
+from ..machine import facts as machine_facts
 from ..models.base import ClipModel
 from ..precision import autocast
 from .config import TrainConfig
@@ -55,18 +57,24 @@ class StepRunner:
     """Forward + backward of one batch; leaves averaged gradients on the parameters and returns the loss."""
 
     def __init__(self, model: ClipModel, loss_fn: torch.nn.Module, config: TrainConfig, world: World = World(),
-                 locked_images: LockedFeatures | None = None, locked_texts: LockedFeatures | None = None) -> None:
+                 locked_images: LockedFeatures | None = None, locked_texts: LockedFeatures | None = None,
+                 choices: Choices | None = None) -> None:
+        """`choices`: the run's speed choices (clipmed.machine); None resolves them for this machine."""
         self.model, self.loss_fn, self.config, self.world = model, loss_fn, config, world
         self.locked_images, self.locked_texts = locked_images, locked_texts
         self.device = torch.device(config.device)
-        model.select_attention(self.device)
+        self.choices = choices or resolve(config.speed(), machine_facts(self.device),
+                                          image_tower=model.image_tower_kind)[0]
+        model.select_attention(self.choices.attention)
+        model.set_speed(channels_last=self.choices.memory_format == "channels_last",
+                        fuse_conv_bn=self.choices.fuse_conv_bn)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     # ---- encoders -----------------------------------------------------------------------------------------
 
     def encode_images(self, records: Sequence[Record]) -> torch.Tensor:
         model = self.model
-        with autocast(self.config.precision, self.device):
+        with autocast(self.choices.image_precision, self.device):
             if self.locked_images is not None:
                 features = self.locked_images.lookup([r.id for r in records]).to(self.device)
             else:
@@ -76,7 +84,7 @@ class StepRunner:
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         model = self.model
-        with autocast(self.config.precision, self.device):
+        with autocast(self.choices.text_precision, self.device):
             if self.locked_texts is not None:
                 features = self.locked_texts.lookup(texts).to(self.device)
             else:

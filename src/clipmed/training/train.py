@@ -29,6 +29,7 @@ from ..evaluation.embed import embed_images, embed_texts
 from ..evaluation.metrics import retrieval_metrics
 from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
 from ..io import read_json, write_json_atomic
+from ..machine import Choices, apply_threads, facts, resolve
 from ..models import ClipModel, load_model
 from ..objectives import OBJECTIVES, ContrastiveLoss, LabelLoss, SemanticMatchingLoss
 from .checkpoint import clean_stale_temporaries, load_checkpoint, save_checkpoint
@@ -36,7 +37,7 @@ from .config import TrainConfig
 from .distributed import World, init_world
 from .features import LockedFeatures
 from .logging import RunLogger
-from .optim import build_optimizer, warmup_cosine
+from .optim import build_optimizer, load_optimizer_state, warmup_cosine
 from .step import StepRunner, make_batch
 
 
@@ -119,16 +120,17 @@ def build_loss(config: TrainConfig) -> torch.nn.Module:
     return ContrastiveLoss()
 
 
-def validation_score(model: ClipModel, val: list[Record], classes: list[str], config: TrainConfig) -> tuple[str, float]:
+def validation_score(model: ClipModel, val: list[Record], classes: list[str], config: TrainConfig,
+                     choices: Choices) -> tuple[str, float]:
     """Checkpoint selection without labels for label-free objectives (caption retrieval on val);
-    zero-shot top-1 on val for the label objective."""
-    images = embed_images(model, val, batch_size=config.eval_batch_size, precision=config.precision)
+    zero-shot top-1 on val for the label objective. Each tower runs in the precision it trains in."""
+    images = embed_images(model, val, batch_size=config.eval_batch_size, precision=choices.image_precision)
     if config.objective == "label":
-        weights = class_embeddings(model, classes, [config.label_template], precision=config.precision)
+        weights = class_embeddings(model, classes, [config.label_template], precision=choices.text_precision)
         predictions = zero_shot_scores(images, weights).argmax(dim=1)
         truth = torch.tensor([classes.index(r.label) for r in val])
         return "val_zero_shot_top1", float((predictions == truth).float().mean())
-    texts = embed_texts(model, [r.caption for r in val], precision=config.precision)
+    texts = embed_texts(model, [r.caption for r in val], precision=choices.text_precision)
     retrieval = retrieval_metrics(images.numpy(), texts.numpy(), ks=(1,), n_boot=1)
     return "val_mean_recall_at_1", float(retrieval["mean_recall_at_1"])
 
@@ -228,6 +230,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise ClipmedError(f"only {len(rows.records)} training rows for objective {config.objective!r} "
                            f"(batch size {config.batch_size}): lower --batch-size or prepare more data")
     model = load_model(config.model).to(device)
+    # Speed choices: decided for this machine and model once, then reused by every resume of the run.
+    recorded = saved.get("machine") if resume else None
+    machine = facts(device)
+    choices, decided_by = resolve(config.speed(), machine, image_tower=model.image_tower_kind,
+                                  recorded=recorded["choices"] if recorded else None)
+    machine_record = recorded or {"choices": choices.to_dict(), "decided_by": decided_by, "facts": machine.to_dict(),
+                                  "image_tower": model.image_tower_kind}
+    apply_threads(choices)
     if world.distributed and not config.freeze_batchnorm:
         # Per-process batch statistics would make ranks diverge: synchronise them (GPU only in torch).
         if device.type != "cuda":
@@ -237,7 +247,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     rows, val, unreadable = _drop_unreadable(rows, prepared.records("val"), model, progress)
     suite = read_suite(load_suite(config.suite)) if config.suite and world.is_main else None
     optimizer, groups = build_optimizer(model, config)  # also freezes locked towers (requires_grad False)
-    runner = _step_runner(model, config, world, rows, prepared)
+    runner = _step_runner(model, config, world, rows, prepared, choices)
     steps_per_epoch = len(rows.records) // config.batch_size  # drop_last: a tiny final batch has no negatives
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -248,13 +258,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     state = load_checkpoint(checkpoints) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, best, best_epoch, score_name = state["step"], state["best"], state["best_epoch"], state["score_name"]
     if world.is_main:
         _write_run_json(run, config, prepared, model, groups, rows, world, status="running",
-                        extra={"unreadable_images": unreadable})
+                        extra={"unreadable_images": unreadable, "machine": machine_record})
     # Rank 0 alone logs; a resumed run drops what the interrupted one logged after its checkpoint.
     logger = (RunLogger(run, start_step=step, report_to=config.report_to, config=asdict(config))
               if world.is_main else None)
@@ -296,7 +306,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 checkpoint()
         # End of an epoch (or of max_steps): select by validation, then checkpoint.
         if world.is_main:
-            score_name, score = validation_score(model, val, prepared.classes, config)
+            score_name, score = validation_score(model, val, prepared.classes, config, choices)
             logger.validation(step, score_name, score)
             if suite is not None:
                 for name, value in suite_validation(model, suite, run, step, config).items():
@@ -313,12 +323,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         logger.close()
         _write_run_json(run, config, prepared, model, groups, rows, world, status="done",
                         extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step,
-                               "seconds": round(time.time() - started, 1), "unreadable_images": unreadable})
+                               "seconds": round(time.time() - started, 1), "unreadable_images": unreadable,
+                               "machine": machine_record})
     return run
 
 
 def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: TrainingRows,
-                 prepared: PreparedData) -> StepRunner:
+                 prepared: PreparedData, choices: Choices) -> StepRunner:
     """Speed and memory options, then the runner: locked towers' features come from a disk cache (LiT), the
     trainable towers are optionally compiled and gradient-checkpointed."""
     if config.grad_checkpointing:
@@ -327,17 +338,16 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
     locked_images = locked_texts = None
     if config.lock_image and config.feature_cache:
         locked_images = LockedFeatures.build(model, "image", [r for r, ok in zip(rows.records, rows.has_image) if ok],
-                                             precision=config.precision, data_fingerprint=fingerprint)
+                                             precision=choices.image_precision, data_fingerprint=fingerprint)
     if config.lock_text and config.feature_cache:
         texts = ([config.label_template.format(label=c) for c in rows.classes] if config.objective == "label"
                  else [t for t in rows.texts if t is not None])
-        locked_texts = LockedFeatures.build(model, "text", texts, precision=config.precision,
+        locked_texts = LockedFeatures.build(model, "text", texts, precision=choices.text_precision,
                                             data_fingerprint=fingerprint)
-    if config.compile:
-        for name, tower in model.towers().items():
-            if not (name == "image" and config.lock_image) and not (name == "text" and config.lock_text):
-                tower.compile()
-    return StepRunner(model, build_loss(config), config, world, locked_images, locked_texts)
+    if choices.compile:
+        model.compile_towers(tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text))
+                                   if not lock))
+    return StepRunner(model, build_loss(config), config, world, locked_images, locked_texts, choices)
 
 
 def _write_run_json(run: Path, config: TrainConfig, prepared: PreparedData, model: ClipModel, groups: list[dict],

@@ -1,0 +1,78 @@
+"""Per-machine speed choices: the rule table, forced choices, recorded choices reused on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipmed import machine
+from clipmed.errors import ClipmedError
+from clipmed.machine import Choices, Facts, Speed, decide, resolve
+
+AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+AVX2 = frozenset({"avx2", "fma"})
+
+
+def _facts(flags=AVX512_BF16, device="cpu", cuda=None) -> Facts:
+    return Facts(device=device, cpu_model="test CPU", cpu_flags=flags, cpu_capability="AVX512", cores=4,
+                 cuda_capability=cuda)
+
+
+def test_amx_cpus_train_the_image_tower_in_fp32_channels_last_and_the_text_tower_in_bf16():
+    choices, rule = decide(_facts(AMX))
+    assert (choices.image_precision, choices.text_precision, choices.memory_format) == ("fp32", "bf16", "channels_last")
+    assert choices.attention == "matmul" and choices.threads == 4 and "amx" in rule
+
+
+def test_bf16_without_amx_and_no_bf16_at_all_get_their_own_rules():
+    avx512, _ = decide(_facts(AVX512_BF16))
+    assert (avx512.image_precision, avx512.text_precision) == ("bf16", "bf16")
+    plain, rule = decide(_facts(AVX2))
+    assert (plain.image_precision, plain.text_precision) == ("fp32", "fp32") and "without bf16" in rule
+
+
+def test_gpus_use_bf16_from_ampere_and_fused_attention():
+    ampere, _ = decide(_facts(device="cuda", cuda=(8, 0)))
+    assert (ampere.image_precision, ampere.text_precision, ampere.attention) == ("bf16", "bf16", "fused")
+    turing, _ = decide(_facts(device="cuda", cuda=(7, 5)))
+    assert turing.image_precision == turing.text_precision == "fp32"
+
+
+def test_forced_choices_override_the_rule_and_a_tower_precision_overrides_both():
+    choices, decided_by = resolve(Speed(precision="fp32", text_precision="bf16", memory_format="contiguous",
+                                        fuse_conv_bn=False, attention="fused", threads=3, compile=True), _facts(AMX))
+    assert choices == Choices(image_precision="fp32", text_precision="bf16", memory_format="contiguous",
+                              fuse_conv_bn=False, attention="fused", threads=3, compile=True)
+    assert "forced" in decided_by
+    assert resolve(Speed(), _facts(AMX)) == (decide(_facts(AMX))[0], decide(_facts(AMX))[1])
+
+
+@pytest.mark.parametrize("speed", [Speed(precision="fp16"), Speed(memory_format="nhwc"), Speed(threads=-1)])
+def test_bad_choices_are_one_line_errors(speed):
+    with pytest.raises(ClipmedError):
+        resolve(speed, _facts())
+
+
+def test_recorded_choices_are_reused_whatever_the_machine_and_the_forced_values():
+    recorded = decide(_facts(AMX))[0].to_dict()
+    choices, decided_by = resolve(Speed(precision="bf16"), _facts(AVX2), recorded=recorded)
+    assert choices.to_dict() == recorded and "recorded" in decided_by
+    with pytest.raises(ClipmedError, match="clipmed version"):
+        resolve(Speed(), _facts(), recorded={"image_precision": "fp32"})
+
+
+def test_this_machines_facts_name_its_cpu():
+    facts = machine.facts("cpu")
+    assert facts.device == "cpu" and facts.cores >= 1
+    assert facts.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert json.loads(json.dumps(facts.to_dict()))["cpu_model"] == facts.cpu_model
+
+
+def test_a_vit_image_tower_runs_in_bf16_where_the_cnn_rule_says_fp32():
+    cnn, _ = decide(_facts(AMX), image_tower="conv")
+    vit, rule = decide(_facts(AMX), image_tower="transformer")
+    assert cnn.image_precision == "fp32" and vit.image_precision == "bf16" and "ViT" in rule
+    assert decide(_facts(AVX2), image_tower="transformer")[0].image_precision == "fp32"
