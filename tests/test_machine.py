@@ -43,14 +43,14 @@ def test_gpus_use_bf16_from_ampere_and_fused_attention():
 
 def test_forced_choices_override_the_rule_and_a_tower_precision_overrides_both():
     choices, decided_by = resolve(Speed(precision="fp32", text_precision="bf16", memory_format="contiguous",
-                                        fuse_conv_bn=False, attention="fused", threads=3, compile=True), _facts(AMX))
+                                        fuse_conv_bn=False, attention="fused", threads=1, compile=True), _facts(AMX))
     assert choices == Choices(image_precision="fp32", text_precision="bf16", memory_format="contiguous",
-                              fuse_conv_bn=False, attention="fused", threads=3, compile=True)
+                              fuse_conv_bn=False, attention="fused", threads=1, compile=True)
     assert "forced" in decided_by
     assert resolve(Speed(), _facts(AMX)) == (decide(_facts(AMX))[0], decide(_facts(AMX))[1])
 
 
-@pytest.mark.parametrize("speed", [Speed(precision="fp16"), Speed(memory_format="nhwc"), Speed(threads=-1)])
+@pytest.mark.parametrize("speed", [Speed(precision="fp16"), Speed(memory_format="nhwc"), Speed(threads=-1), Speed(threads=10**20)])
 def test_bad_choices_are_one_line_errors(speed):
     with pytest.raises(ClipmedError):
         resolve(speed, _facts())

@@ -158,8 +158,10 @@ def _check(speed: Speed) -> None:
         if value != AUTO and value not in allowed:
             flag = "--" + name.replace("_", "-")
             raise ClipmedError(f"{flag} {value!r} is not one of auto, {', '.join(allowed)}")
-    if speed.threads < 0:
-        raise ClipmedError(f"--threads {speed.threads} must be positive (0: as many as the CPUs this process may use)")
+    cpus = os.cpu_count() or 1
+    if not 0 <= speed.threads <= cpus:
+        raise ClipmedError(f"--threads {speed.threads} must be between 1 and this machine's {cpus} CPUs (0: as "
+                           "many as this process may use)")
 
 
 def facts(device: torch.device | str = "cpu") -> Facts:
