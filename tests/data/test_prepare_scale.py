@@ -135,11 +135,12 @@ def test_webdataset_source_prepares_and_counts_a_corrupt_member(tmp_path, kit):
     pattern = kit.write("webdataset", tmp_path, rows)
     summary = prepare(pattern, tmp_path / "out", min_class_count=5, progress=False)
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
-    assert rejected == [{"id": "id0003", "locator": f"{tmp_path}/shard-00000.tar:sampleid0003",
+    assert rejected == [{"id": "id0003", "locator": "shard-00000.tar:sampleid0003",
                          "reason": "not an image (kept as a text-only row)", "uses": "text-only"}]
     assert summary["counts"]["rejected_total"] == 1 and summary["counts"]["usable"] == 23
     prepared = load_prepared(tmp_path / "out")
-    assert prepared.manifest["source"]["format"] == "webdataset"
+    assert prepared.manifest["source"] == {"format": "webdataset", "path": pattern, "image_root": None,
+                                           "fingerprint": prepared.source.fingerprint, "streaming": False}
     assert [r.id for r in prepared.text_only_records()] == ["id0003"]
 
 

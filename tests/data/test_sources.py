@@ -217,6 +217,7 @@ def test_webdataset_shards_brace_expanded_with_ids_keys_and_unreadable_parts(tmp
     (tmp_path / "shard-00003.tar").write_bytes((tmp_path / "shard-00000.tar").read_bytes()[:700])  # cut short
     monkeypatch.chdir(tmp_path)  # shard paths relative to the working directory
     loaded = load_source("shard-{00000..00003}.tar")
+    assert loaded.path == str(tmp_path / "shard-{00000..00003}.tar")  # absolute: later steps may run elsewhere
     assert [r.id for r in loaded.records] == [row["id"] for row in rows] + ["dir/odd key:1"]
     assert loaded.locators[0] == "shard-00000.tar:sampleid0000"
     odd = loaded.records[4]

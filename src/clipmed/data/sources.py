@@ -488,7 +488,8 @@ def _load_hf(path: str, fields: FieldMap, image_root: str | None, streaming: boo
                            f"pass --image-field with the image column")
 
     def read() -> Iterator[SourceRow]:
-        return _records(rows(), cols, policy, image_of=image_of, caption_of=lambda row: _text(row.get(caption_col), "caption"))
+        return _records(rows(), cols, policy, image_of=image_of,
+                        caption_of=lambda row: _text(row.get(caption_col), "caption"))
 
     return LoadedSource("hf", spec, image_root, fingerprint, read, streaming=streaming,
                         allow_outside_paths=allow_outside)
@@ -576,6 +577,7 @@ def _safe_name(rec_id: str) -> str:
 def _load_webdataset(path: str, fields: FieldMap, image_root: str | None, allow_outside: bool) -> LoadedSource:
     import braceexpand  # a dependency of webdataset
 
+    path = "::".join(os.path.abspath(part) for part in path.split("::"))  # later steps may run elsewhere
     shards = [shard for part in path.split("::") for shard in braceexpand.braceexpand(part)]
     missing = [shard for shard in shards if not os.path.isfile(shard)]
     if missing:
@@ -604,22 +606,19 @@ def _wds_rows(shards: list[str], images: Path) -> Iterator[tuple[str, Any]]:
     from webdataset.tariterators import tarfile_samples
 
     for number, shard in enumerate(shards):
-        errors: list[BaseException] = []
+        name = os.path.basename(shard)
+        errors: list[BaseException] = []  # what webdataset hands its handler; reading goes on after each
+        for sample in tarfile_samples([{"url": shard}], handler=lambda exc, seen=errors: seen.append(exc) or True):
+            yield from _tar_problems(name, errors)
+            yield f"{name}:{sample['__key__']}", _wds_row(sample, number, images)
+        yield from _tar_problems(name, errors)
 
-        def keep_going(exc: BaseException) -> bool:
-            errors.append(exc)
-            return True
 
-        def problems() -> Iterator[tuple[str, Any]]:
-            while errors:
-                exc = errors.pop(0)
-                message = str(exc.args[0]) if exc.args else type(exc).__name__
-                yield shard, _RowProblem(f"unreadable tar data: {message.splitlines()[0] if message else ''}")
-
-        for sample in tarfile_samples([{"url": shard}], handler=keep_going):
-            yield from problems()
-            yield f"{shard}:{sample['__key__']}", _wds_row(sample, number, images)
-        yield from problems()
+def _tar_problems(name: str, errors: list[BaseException]) -> Iterator[tuple[str, _RowProblem]]:
+    while errors:
+        exc = errors.pop(0)
+        message = str(exc.args[0]) if exc.args else type(exc).__name__
+        yield name, _RowProblem(f"unreadable tar data: {message.splitlines()[0] if message else ''}")
 
 
 def _wds_row(sample: dict, shard_number: int, images: Path) -> dict | _RowProblem:
