@@ -1,4 +1,5 @@
-"""YAML mappings -> config dataclasses, checked key by key: recipes (`config_files.py`) and benchmark suites.
+"""YAML mappings -> config dataclasses, checked key by key: recipes (`config_files.py`) and benchmark suites;
+`read_mapping` is also how vocabularies and prompt template files are read.
 
 An unknown key or a value of the wrong type is a ClipmedError naming the file and the key's path, so a typo
 never silently falls back to a default.
@@ -26,6 +27,8 @@ def read_mapping(path: str | os.PathLike, what: str, shape: str) -> dict:
             values = yaml.safe_load(handle)
     except OSError as exc:
         raise ClipmedError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ClipmedError(f"{path}: not UTF-8 text (byte {exc.start}); a {what} is a YAML text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -251,3 +251,13 @@ def test_a_bad_flag_is_one_line_naming_the_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["trian"])
     assert "invalid choice: 'trian'" in error_line(capsys)
+
+
+def test_yaml_inputs_that_are_not_text(capsys, tmp_path, synthetic_dataset, tiny_dual_folder):
+    binary = tmp_path / "image.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    image = synthetic_dataset / "images" / "img_0000.png"
+    for argv in (["entities", synthetic_dataset, "--vocabulary", binary],
+                 ["predict", "--model", tiny_dual_folder, image, "--labels", "A,B", "--templates", binary],
+                 ["train", "--data", tmp_path, "--out", tmp_path / "run", "--config", binary]):
+        assert f"{binary}: not UTF-8 text (byte 0)" in fails(capsys, *argv)

@@ -52,7 +52,7 @@ BY_DEST = {"labels": ["Chest,Abdomen", "a", "", ",", "a,a", "é,ü"],
 # Dataset mutations: each adds rows or changes the file so that the dataset is odd in one way.
 MUTATIONS = ["malformed_line", "latin1_caption", "parent_path", "absolute_path", "symlink_out", "etc_passwd",
              "numbers", "nan_caption", "empty_caption", "missing_image", "duplicate_id", "bom", "crlf",
-             "null_line", "array_line", "text_image", "empty_file", "case_labels"]
+             "null_line", "array_line", "text_image", "empty_file", "case_labels", "csv"]
 FUZZ = dict(derandomize=True, deadline=None, database=None, print_blob=False,
             phases=[Phase.explicit, Phase.generate, Phase.shrink],
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -161,6 +161,10 @@ def write_dataset(root: Path, mutations: list[str]) -> Path:
             lines += [json.dumps({**rows[i], "id": f"c{i}", "body_part": f" {rows[i]['body_part'].upper()} "}).encode()
                       for i in range(3)]
     (data / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    if "csv" in mutations:  # the same dataset as a CSV (open_clip's layout), with a latin-1 row and a broken quote
+        table = [b"file_name,caption,body_part"] + [f"images/{i}.png,A scan {i},Chest".encode() for i in range(3)]
+        table += ["images/0.png,caf\u00e9,Head".encode("latin-1"), b'images/1.png,"unclosed,Head', b"only-one-column"]
+        (data / "captions.csv").write_bytes(b"\r\n".join(table) + b"\r\n")
     return data
 
 
@@ -255,7 +259,7 @@ def _paths(sandbox: Path, data: Path, fixtures: dict[str, Path]) -> dict[str, st
     return {"data": str(data), "prepared": str(fixtures["prepared"]), "model": str(fixtures["model"]),
             "recipe": str(fixtures["recipe"]), "broken_yaml": str(fixtures["broken_yaml"]),
             "file": str(sandbox / "a-file"), "missing": str(sandbox / "missing"),
-            "image": str(data / "images" / "0.png")}
+            "image": str(data / "images" / "0.png"), "csv": str(data / "captions.csv")}
 
 
 def _watched(fixtures: dict[str, Path]) -> list[Path]:
@@ -311,7 +315,9 @@ def test_command(command, fixtures):
         sandbox, dataset, out_kind = _sandbox(data.draw, fixtures)
         paths = _paths(sandbox, dataset, fixtures)
         out = _out(sandbox, out_kind, {"embed": "out.parquet", "evaluate": "out.json"}.get(command, "out"))
-        argv = [command, *_base_argv(command, data.draw, sandbox, dataset, out, fixtures, paths),
+        csv = dataset / "captions.csv"
+        source = csv if csv.exists() else dataset
+        argv = [command, *_base_argv(command, data.draw, sandbox, source, out, fixtures, paths),
                 *data.draw(fuzzed_flags(command, paths))]
         try:
             with contextlib.ExitStack() as stack:

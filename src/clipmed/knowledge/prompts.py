@@ -14,25 +14,21 @@ from pathlib import Path
 
 import yaml
 
-from clipmed.errors import ClipmedError, first_line
+from clipmed.errors import ClipmedError
+from clipmed.schema import read_mapping
 
 
 def load_templates(label_field: str, path: str | Path | None = None) -> list[str]:
     """Templates (each with one ``{label}`` placeholder) for a label field, falling back to ``default``."""
     if path is None:
-        text = resources.files("clipmed").joinpath("resources/prompts.yaml").read_text(encoding="utf-8")
+        data = yaml.safe_load(resources.files("clipmed").joinpath("resources/prompts.yaml").read_text(encoding="utf-8"))
         source = "clipmed/resources/prompts.yaml"
     else:
         p = Path(path).expanduser()
         if not p.is_file():
             raise ClipmedError(f"prompt template file not found: {p}")
-        text, source = p.read_text(encoding="utf-8"), str(p)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ClipmedError(f"prompt template file {source} is not valid YAML: {first_line(exc)}") from exc
-    if not isinstance(data, dict):
-        raise ClipmedError(f"prompt template file {source} must map label fields to lists of templates")
+        data = read_mapping(p, "prompt template file", "a prompt template file maps label fields to lists of templates")
+        source = str(p)
     key = label_field if label_field in data else "default"
     templates = data.get(key)
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):

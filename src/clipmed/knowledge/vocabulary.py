@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from clipmed.errors import ClipmedError, first_line
+from clipmed.errors import ClipmedError
+from clipmed.schema import read_mapping
 
 GROUPS = ("region", "modality", "finding")
 _CONCEPT_KEYS = {"group", "synonyms", "abbreviations", "implies", "labels"}
@@ -154,10 +155,7 @@ class Vocabulary:
         p = Path(path).expanduser()
         if not p.is_file():
             raise ClipmedError(f"vocabulary file not found: {p} (check vocabulary_path)")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ClipmedError(f"vocabulary file {p} is not valid YAML: {first_line(exc)}") from exc
+        data = read_mapping(p, "vocabulary", "a vocabulary is a YAML mapping of concepts")
         return cls.from_dict(data, source=str(p))
 
     @classmethod
