@@ -3,7 +3,8 @@
 Each row's findings are the concepts of clipmed's vocabulary in the `finding` group that its caption mentions
 as present (clipmed.knowledge's extraction: negated and uncertain mentions do not count). The output is an
 imagefolder dataset (`metadata.jsonl`) whose rows keep the source's fields and add `findings` (a JSON list);
-images are referenced by absolute path, never copied.
+images are never copied: `file_name` stays relative to the source's folder, which the suite names as the
+dataset's `image_root`.
 
 With `--prepared DIR` (a folder written by `clipmed prepare` on the same source) it writes the rows of the
 held-out splits the models never trained on, one dataset each: OUT/test and OUT/val (val serves
@@ -34,12 +35,14 @@ def derive(source: str, out: Path, *, prepared: Path | None = None, caption_fiel
                                                  image_field=image_field))
     extractor = ConceptExtractor()
     findings = set(Vocabulary.default().group("finding"))
+    image_root = loaded.image_root or (loaded.path if os.path.isdir(loaded.path) else os.path.dirname(loaded.path))
     rows = {}
     for record in loaded.records:
         present = sorted(name for name, weight in extractor.weights(record.caption or "").items()
                          if name in findings and weight == 1.0)
-        rows[record.id] = {**record.extra, "id": record.id, "file_name": record.image_path,
-                           "caption": record.caption, "findings": present}
+        file_name = os.path.relpath(os.path.realpath(record.image_path), os.path.realpath(image_root))
+        rows[record.id] = {**record.extra, "id": record.id, "file_name": file_name, "caption": record.caption,
+                           "findings": present}
     if prepared is None:
         parts = {out: list(rows)}
     else:

@@ -222,9 +222,11 @@ def read_dataset(spec: SuiteDataset, source: str, *, classes: Sequence[str] | No
         for row, (_, found) in enumerate(keep):
             targets[row, [index[name] for name in found if name in index]] = 1
     if not records or not class_list:
+        reasons = "".join(f"; {count} rows: {reason}" for reason, count in Counter(
+            r["reason"].split(" (")[0] for r in checked.rejected).most_common(2))
         raise ClipmedError(f"{spec.name}: {source} has no usable labeled row in field {spec.label_field!r} "
-                           f"({len(rows)} rows with an image, classes {class_list or 'none'}); check label_field, "
-                           "classes and min_class_count")
+                           f"({len(rows)} rows with an image, classes {class_list or 'none'}{reasons}); check "
+                           "label_field, classes, min_class_count and image_root")
     return DatasetData(spec, records, targets, class_list, loaded.fingerprint, rejected, len(rows) - len(records))
 
 
