@@ -40,7 +40,8 @@ def render_benchmark(benchmark: dict, *, figure: str | None = None) -> str:
     models = benchmark["models"]
     config = benchmark["config"]
     lines = ["# clipmed benchmark", "",
-             f"Suite `{benchmark['suite']}`, {len(benchmark['datasets'])} datasets, {len(models)} models. 95% "
+             f"Suite `{benchmark['suite']}`: {_count(len(benchmark['datasets']), 'dataset')}, "
+             f"{_count(len(models), 'model')}. 95% "
              f"bootstrap intervals ({config['n_boot']} resamples over each dataset's rows). Bold: the best cell of "
              "its row whose interval lies above every other model's.", ""]
     lines += benchmark_tables(benchmark)
@@ -51,6 +52,10 @@ def render_benchmark(benchmark: dict, *, figure: str | None = None) -> str:
     lines += _calibration(benchmark, figure)
     lines += _skipped(benchmark)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def benchmark_tables(benchmark: dict) -> list[str]:
