@@ -80,13 +80,16 @@ def synthetic_records(n: int, size: int = 256, seed: int = 0):
 
 
 def synthetic_imagefolder(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
-    """An imagefolder dataset (metadata.jsonl + images) of n random images with captions and 3 labels, for
-    benchmarks that run the whole trainer (speed does not depend on the pixels)."""
-    records = synthetic_records(n, size=size, seed=seed)
+    """An imagefolder dataset (metadata.jsonl + images/ inside root) of n random images with captions and 3
+    labels, for benchmarks that run the whole trainer (speed does not depend on the pixels)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
     classes = ("Chest", "Head", "Abdomen")
     with open(root / "metadata.jsonl", "w") as handle:
-        for i, record in enumerate(records):
-            handle.write(json.dumps({"file_name": record.image_path, "id": f"row{i}", "article": f"a{i // 2}",
+        for i in range(n):
+            name = f"images/{i}.png"
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name)
+            handle.write(json.dumps({"file_name": name, "id": f"row{i}", "article": f"a{i // 2}",
                                      "caption": f"Radiograph {i} of the {classes[i % 3].lower()} showing a mass.",
                                      "body_part": classes[i % 3]}) + "\n")
     return root

@@ -80,7 +80,7 @@ def dual_epoch(device: str, batch: int, rows: int, data: str | None, work: Path)
     if data is None:
         source = synthetic_imagefolder(Path(tempfile.mkdtemp(prefix="bench-gpu-data-")), rows)
         data = str(work / "prepared")
-        prepare(str(source), data, fields=FieldMap(group_field="article"), min_class_count=1, n=rows, progress=False)
+        prepare(str(source), data, fields=FieldMap(), min_class_count=1, n=rows, progress=False)
     started = time.perf_counter()
     run = train(TrainConfig(data=data, out=str(work / "dual"), objective="caption", epochs=1, batch_size=batch,
                             device=device), progress=False)

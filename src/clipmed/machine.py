@@ -2,9 +2,9 @@
 
 Which precision each tower runs in, the image tower's memory format, whether frozen BatchNorm is folded into its
 convolution, the attention kernel, the thread count and torch.compile all change how fast a step runs, not what
-it computes (within bf16 rounding where a tower runs in bf16). The fastest setting differs between machines: on
-an Intel Xeon with AMX, EfficientNet-Lite0's depthwise convolutions ran faster in fp32 channels_last than in bf16;
-on an AMD EPYC with AVX512-BF16 and no AMX the measurements of bench/train_throughput.py decide. A rule table
+it computes (within bf16 rounding where a tower runs in bf16). The fastest setting differs between machines and
+models: EfficientNet-Lite0's depthwise convolutions ran faster in fp32 channels_last than in bf16 on an Intel Xeon
+with AMX and on an AMD EPYC with AVX512-BF16, while transformers' matmuls gain from bf16. A rule table
 (`decide`) maps the machine's facts (CPU flags, CUDA capability) to choices; every choice can be forced
 (`Speed` fields other than "auto"); a run records the resolved choices in run.json and a resumed run reuses
 them instead of deciding again (`resolve(..., recorded=...)`).
@@ -104,17 +104,13 @@ def _decide_conv(facts: Facts) -> tuple[Choices, str]:
                        fuse_conv_bn=True, attention=attention_for("cuda"), threads=facts.cores, compile=False), \
             "cuda: bf16 from capability 8.0 (else fp32), channels_last, fused attention"
     flags = facts.cpu_flags
-    if "amx_bf16" in flags:
-        # Intel AMX (measured, issue 11): EfficientNet-Lite0 forward + backward at batch 32 took 2.37 s in fp32
-        # channels_last against 2.86 s in bf16: its depthwise convolutions do not gain from bf16, the
-        # transformer's matmuls do.
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        # EfficientNet-Lite0's depthwise convolutions do not gain from bf16, the text transformer's matmuls do.
+        # Forward + backward at batch 32 on an Intel Xeon with AMX (issue 11): fp32 channels_last 2.37 s, bf16
+        # 2.86 s. On an AMD EPYC with AVX512-BF16 and no AMX: see README's Performance section (the same order).
         return Choices(image_precision="fp32", text_precision="bf16", memory_format="channels_last",
                        fuse_conv_bn=True, attention=attention_for("cpu"), threads=facts.cores, compile=False), \
-            "cpu amx_bf16: fp32 channels_last image tower, bf16 text tower"
-    if "avx512_bf16" in flags:
-        return Choices(image_precision="bf16", text_precision="bf16", memory_format="channels_last",
-                       fuse_conv_bn=True, attention=attention_for("cpu"), threads=facts.cores, compile=False), \
-            "cpu avx512_bf16 without amx: bf16 channels_last"
+            "cpu with bf16 instructions (amx_bf16 or avx512_bf16): fp32 channels_last image tower, bf16 text tower"
     # No bf16 instructions: torch emulates bf16 arithmetic, slower than fp32.
     return Choices(image_precision="fp32", text_precision="fp32", memory_format="channels_last",
                    fuse_conv_bn=True, attention=attention_for("cpu"), threads=facts.cores, compile=False), \
