@@ -115,7 +115,7 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
     ids: list[str] = []
     labels: list[str | None] = []
     groups: list[str | None] = []
-    where: list[tuple[int, str]] = []  # (source position, locator) per kept row
+    where: list[tuple[int, str]] = []  # (source position, locator) per readable row
     caption_faults: dict[int, str] = {}
     image_faults: dict[int, str] = {}
     first_seen: dict[str, str] = {}
@@ -158,9 +158,9 @@ def validate(loaded: LoadedSource, *, strict: bool = False, check_images: bool =
     text_only: list[int] = []
     image_only: list[int] = []
     for index, (at, locator) in enumerate(where):
-        caption_fault, image_fault = caption_faults.get(index), image_faults.get(index)
         if index in duplicates:
             continue
+        caption_fault, image_fault = caption_faults.get(index), image_faults.get(index)
         if caption_fault and image_fault:
             reject(at, ids[index], locator, "unusable caption and image", f"{caption_fault}; {image_fault}", "none")
         elif caption_fault:
