@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from clipmed.data.datasets import IMAGE_CACHE
+    from clipmed.data.store import open_store
     from clipmed.evaluation.embed import embed_images, embed_texts
     from clipmed.evaluation.evaluate import EvalConfig, full_evaluation
     from clipmed.knowledge import load_templates
@@ -43,7 +43,7 @@ def main() -> None:
                for i, r in enumerate(synthetic_records(args.test + args.train))]
     test, train = records[:args.test], records[args.test:]
     model = load_model("dual:efficientnet-lite0+minilm")
-    IMAGE_CACHE.warm([r.image_path for r in records], model.preprocess.size)
+    open_store([r.image_path for r in records], model.preprocess.size, model.preprocess.interpolation)  # built once
     templates = load_templates("body_part")
 
     def bare() -> None:

@@ -44,17 +44,17 @@ def vit_rows(device: str, batch: int, args: argparse.Namespace) -> dict:
     """pairs/s of each contender on the real-caption batch, and the nominal training FLOPs per pair."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from clipmed.data.datasets import IMAGE_CACHE, stack_images
+    from clipmed.data.datasets import pixel_batches
     from clipmed.models import HFCLIP
 
     tokenizer = AutoTokenizer.from_pretrained(clip_tokenizer_dir())
     config = CLIPConfig()  # ViT-B/32
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
     records = synthetic_records(batch)
-    IMAGE_CACHE.warm([r.image_path for r in records], 224)
     texts = random.Random(0).sample(roco_captions(max(2000, batch)), batch)
     model = HFCLIP(CLIPModel(config), processor, source="bench").to(device)
-    pixels = model.normalize_pixels(stack_images(records, 224))
+    pixels = model.normalize_pixels(next(pixel_batches([r.image_path for r in records], 224, "bicubic",
+                                                       batch_size=len(records))))
     reference = CLIPModel(config).eval()
     flops = 3 * forward_flops_per_pair(
         lambda x: reference.get_image_features(pixel_values=x),

@@ -33,11 +33,9 @@ def one_step_in_this_process(options: dict, batch: int, steps: int) -> dict:
     from common import roco_captions, synthetic_records
     from train_throughput import clipmed_step
 
-    from clipmed.data.datasets import IMAGE_CACHE
     from clipmed.models import load_model
 
     records = synthetic_records(batch)
-    IMAGE_CACHE.warm([r.image_path for r in records], 224)
     model = load_model("dual:efficientnet-lite0+minilm")
     if options.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)

@@ -17,6 +17,7 @@ each one's gain is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -72,6 +73,7 @@ def clipmed_step(model, objective: str, records, texts, labels, without: tuple[s
     ("fused_adamw", "pooled_last_layer")."""
     from clipmed.training.config import TrainConfig
     from clipmed.training.optim import build_optimizer
+    from clipmed.data.datasets import pixel_batches
     from clipmed.training.step import StepRunner, make_batch
     from clipmed.training.train import TrainingRows, build_loss
 
@@ -85,7 +87,9 @@ def clipmed_step(model, objective: str, records, texts, labels, without: tuple[s
         optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
                                        for g in optimizer.param_groups], betas=(0.9, 0.98), eps=1e-6, foreach=True)
     model.set_train_mode(freeze_batchnorm=True)
-    batch = make_batch(rows, torch.arange(len(records)), config)
+    paths = [r.image_path for r in records]
+    batch = dataclasses.replace(make_batch(rows, torch.arange(len(records)), config), pixels=next(pixel_batches(
+        paths, model.preprocess.size, model.preprocess.interpolation, batch_size=len(paths))))
     # Ablations of one shared ViT model set its switches before each of their steps.
     pooled = getattr(model, "_pooled_forward", False) and "pooled_last_layer" not in without
 
@@ -178,7 +182,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from clipmed.data.datasets import IMAGE_CACHE, stack_images
+    from clipmed.data.datasets import pixel_batches
     from clipmed.machine import Speed, attention_for, facts, resolve
     from clipmed.models import HFCLIP, load_model
 
@@ -189,11 +193,11 @@ def main() -> None:
     vit_b32 = CLIPConfig()  # transformers' defaults are ViT-B/32 with CLIP's 77-token text tower
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
     records = synthetic_records(BATCH)
-    IMAGE_CACHE.warm([r.image_path for r in records], 224)
     # One untouched model: the contenders' normalised pixels and the nominal FLOPs (the standard forward every
     # contender is asked for).
     reference = HFCLIP(CLIPModel(vit_b32).eval(), processor, source="bench")
-    pixels = reference.normalize_pixels(stack_images(records, 224))
+    pixels = reference.normalize_pixels(next(pixel_batches([r.image_path for r in records], 224, "bicubic",
+                                                           batch_size=len(records))))
     nominal_vit_b32 = 3 * forward_flops_per_pair(
         lambda x: reference.model.get_image_features(pixel_values=x),
         lambda t: reference.model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"]),

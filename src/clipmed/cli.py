@@ -49,6 +49,32 @@ def _classes(args: argparse.Namespace) -> list[str] | None:
     return [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
 
 
+def _add_store_options(group) -> None:
+    group.add_argument("--store", metavar="DIR", help="image store folder (default: $CLIPMED_CACHE/store, "
+                       "$CLIPMED_CACHE defaulting to ~/.cache/clipmed)")
+    group.add_argument("--store-format", choices=["png", "jpeg"], default="png",
+                       help="how the store keeps images: png (lossless, default) or jpeg (q95, about a third the size)")
+    group.add_argument("--workers", type=int, help="processes building the image store (default: one per core)")
+    group.add_argument("--loader-workers", type=int,
+                       help="DataLoader processes reading the store (default: one per two cores, 1 to 4)")
+
+
+def _store_options(args: argparse.Namespace):
+    from .data.store import StoreOptions
+
+    return StoreOptions(root=args.store, format=args.store_format, workers=args.workers)
+
+
+def _scale_pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH (e.g. 0.9,1.0)") from None
+    if not 0 < low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < LOW <= HIGH <= 1")
+    return low, high
+
+
 def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> None:
     from .training.config import TrainConfig
 
@@ -104,6 +130,19 @@ def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> N
     group.add_argument("--device", default=defaults.device)
     group.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb"], default=[],
                        help="also log to TensorBoard (RUN/tensorboard) and/or Weights & Biases (metrics.csv always)")
+    group.add_argument("--val-every", type=int, metavar="N",
+                       help="also validate every N steps (model/ is saved whenever validation improves)")
+    group.add_argument("--val-max-rows", type=int, metavar="M", help="validate on a fixed seeded subset of M val rows")
+    _add_store_options(group)
+    group.add_argument("--augment", action="store_true",
+                       help="random resized crop, small rotation, brightness/contrast jitter (training only)")
+    group.add_argument("--aug-scale", type=_scale_pair, default=defaults.aug_scale, metavar="LOW,HIGH",
+                       help="area range of the random resized crop (default 0.9,1.0)")
+    group.add_argument("--aug-rotation", type=float, default=defaults.aug_rotation, help="degrees, uniform in +-")
+    group.add_argument("--aug-jitter", type=float, default=defaults.aug_jitter,
+                       help="brightness and contrast factors uniform in 1 +- this")
+    group.add_argument("--aug-hflip", action="store_true",
+                       help="random horizontal flips (off by default: laterality matters in medical images)")
 
 
 def _train_config(args: argparse.Namespace, **overrides):
@@ -121,7 +160,10 @@ def _train_config(args: argparse.Namespace, **overrides):
                   grad_checkpointing=args.grad_checkpointing, compile=args.compile, local_loss=args.local_loss,
                   feature_cache=not args.no_feature_cache,
                   checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device,
-                  report_to=tuple(args.report_to))
+                  report_to=tuple(args.report_to), val_every=args.val_every, val_max_rows=args.val_max_rows,
+                  store=args.store, store_format=args.store_format, workers=args.workers,
+                  loader_workers=args.loader_workers, augment=args.augment, aug_scale=tuple(args.aug_scale),
+                  aug_rotation=args.aug_rotation, aug_jitter=args.aug_jitter, aug_hflip=args.aug_hflip)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -379,7 +421,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     check_output(args.out, folder=False)
     loaded = load_source(args.data, **_source_options(args))
     embedded = embed_records(_inference_model(args), loaded.records, what=args.what, precision=args.precision,
-                             progress=True)
+                             progress=True, store=_store_options(args), loader_workers=args.loader_workers)
     write_parquet(embedded, args.out)
     _report_skipped(embedded.skipped_images, "without a readable image")
     print(f"{embedded.kinds.count('image')} image and {embedded.kinds.count('text')} text embeddings written to "
@@ -394,7 +436,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     check_output(args.out, folder=True)
     loaded = load_source(args.data, **_source_options(args))
     meta = build_index(_inference_model(args), model_reference(args.model), loaded, args.out, precision=args.precision,
-                       progress=True)
+                       progress=True, store=_store_options(args), loader_workers=args.loader_workers)
     _report_skipped([(s["id"], s["reason"]) for s in meta["skipped"]], "without a readable image")
     print(f"indexed {len(meta['items'])} images into {args.out} (skipped {len(meta['skipped'])} without a readable "
           "image)")
@@ -545,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", choices=["images", "texts", "both"], default="both")
     _add_inference_options(p)
     _add_data_options(p)
+    _add_store_options(p.add_argument_group("image store"))
     p.set_defaults(func=cmd_embed, label_field=None)
 
     p = commands.add_parser("index", help="an image embedding index of a dataset, for `clipmed search`")
@@ -552,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index folder")
     _add_inference_options(p)
     _add_data_options(p)
+    _add_store_options(p.add_argument_group("image store"))
     p.set_defaults(func=cmd_index, label_field=None)
 
     p = commands.add_parser("search", help="the indexed images nearest to a text or to an image")

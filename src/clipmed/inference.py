@@ -22,10 +22,10 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .data.datasets import IMAGE_CACHE
-from .data.images import ImageError
+from .data.datasets import readable_records
 from .data.records import Record
 from .data.sources import LoadedSource
+from .data.store import StoreOptions
 from .errors import ClipmedError, first_line
 from .evaluation.embed import embed_images, embed_texts
 from .evaluation.zeroshot import DEFAULT_TEMPLATE, class_embeddings, zero_shot_scores
@@ -79,7 +79,7 @@ def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str],
             raise ClipmedError(f"template {template!r} has no {{label}}: every label would get the same prompt")
     if top_k < 1:
         raise ClipmedError(f"--top-k must be at least 1, not {top_k}")
-    images = embed_images(model, [image_record(p) for p in image_paths], precision=precision)
+    images = embed_images(model, [image_record(p) for p in image_paths], precision=precision, store=None)
     weights = class_embeddings(model, labels, list(templates), precision=precision)
     top = label_probabilities(images, weights, model.scale().item()).topk(min(top_k, len(labels)), dim=-1)
     return [Prediction(path, [labels[i] for i in index.tolist()], values.tolist())
@@ -109,26 +109,20 @@ class Embedded:
     skipped_texts: int = 0      # rows without a caption
 
 
-def readable_images(model: ClipModel, records: Sequence[Record]) -> tuple[list[Record], list[tuple[str, str]]]:
-    """The records whose image decodes, and (id, reason) for the others. Decoded images stay in the image cache,
-    so embedding them afterwards decodes nothing twice."""
-    usable, skipped = [], []
-    for record in records:
-        if record.image_path is None:
-            skipped.append((record.id, "no image"))
-            continue
-        try:
-            IMAGE_CACHE.get(record.image_path, model.preprocess.size, model.preprocess.interpolation)
-        except ImageError as exc:
-            skipped.append((record.id, exc.reason))
-            continue
-        usable.append(record)
-    return usable, skipped
+def readable_images(model: ClipModel, records: Sequence[Record], store: StoreOptions = StoreOptions(),
+                    progress: bool = False) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records whose image decodes, and (id, reason) for the others, in record order. The images are put in
+    the image store on the way, so embedding them afterwards decodes nothing twice."""
+    keep, reasons = readable_records(records, model.preprocess.size, model.preprocess.interpolation, store,
+                                     progress=progress)
+    return [records[i] for i in keep], [(r.id, reasons[r.id]) for r in records if r.id in reasons]
 
 
 def embed_records(model: ClipModel, records: Sequence[Record], *, what: Kinds = "both", precision: str = "bf16",
-                  progress: bool = False) -> Embedded:
-    """Image and/or caption embeddings of `records`, images first; unreadable images and missing captions skipped."""
+                  progress: bool = False, store: StoreOptions = StoreOptions(),
+                  loader_workers: int | None = None) -> Embedded:
+    """Image and/or caption embeddings of `records`, images first; unreadable images and missing captions skipped.
+    Images are read from the image store (`store`) by `loader_workers` processes."""
     if what not in ("images", "texts", "both"):
         raise ClipmedError(f"what must be images, texts or both, not {what!r}")
     ids: list[str] = []
@@ -137,8 +131,9 @@ def embed_records(model: ClipModel, records: Sequence[Record], *, what: Kinds = 
     skipped: list[tuple[str, str]] = []
     with_text = [r for r in records if r.caption is not None]
     if what in ("images", "both"):
-        usable, skipped = readable_images(model, records)
-        chunks.append(embed_images(model, usable, precision=precision, progress=progress))
+        usable, skipped = readable_images(model, records, store, progress)
+        chunks.append(embed_images(model, usable, precision=precision, progress=progress, store=store,
+                                   loader_workers=loader_workers))
         ids += [r.id for r in usable]
         kinds += ["image"] * len(usable)
     if what in ("texts", "both"):
@@ -183,15 +178,18 @@ class Hit:
 
 
 def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str | Path, *,
-                precision: str = "bf16", progress: bool = False) -> dict:
-    """Embed the images of `source` into the index folder `out` (locked while it is written; an index already
-    there is replaced in one step, see the module docstring); returns index.json's content."""
+                precision: str = "bf16", progress: bool = False, store: StoreOptions = StoreOptions(),
+                loader_workers: int | None = None) -> dict:
+    """Embed the images of `source` into the index folder `out` (read from the image store; locked while it is
+    written; an index already there is replaced in one step, see the module docstring); returns index.json's
+    content."""
     out = Path(out)
     with FileLock(out, what="index"):
-        usable, skipped = readable_images(model, source.records)
+        usable, skipped = readable_images(model, source.records, store, progress)
         if not usable:
             raise ClipmedError(f"{source.path}: no readable image among {len(source.records)} rows, nothing to index")
-        embeddings = embed_images(model, usable, precision=precision, progress=progress).numpy()
+        embeddings = embed_images(model, usable, precision=precision, progress=progress, store=store,
+                                  loader_workers=loader_workers).numpy()
 
         def write_embeddings(tmp: str) -> None:
             with open(tmp, "wb") as handle:
@@ -264,7 +262,7 @@ def search(model: ClipModel, index: Index, *, text: str | None = None, image: st
     if text is not None:
         query = embed_texts(model, [text], precision=precision)[0]
     else:
-        query = embed_images(model, [image_record(image)], precision=precision)[0]
+        query = embed_images(model, [image_record(image)], precision=precision, store=None)[0]
     items = index.meta["items"]
     return [Hit(rank, score, items[row]["id"], items[row]["path"], items[row]["caption"], items[row]["attribution"])
             for rank, (row, score) in enumerate(top_k(index.embeddings, query.numpy(), k), start=1)]

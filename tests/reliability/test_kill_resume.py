@@ -183,3 +183,37 @@ def test_resume_removes_temporaries_of_interrupted_run_folder_writes(prepared_sy
             path.write_bytes(b"half a file")
         train(TrainConfig(out=str(run)), resume=True, progress=False)
     assert [p for p in stale if p.exists()] == []
+
+
+def test_augmented_run_with_loader_workers_resumes_bitwise(prepared_synthetic, tiny_dual_folder, tmp_path, monkeypatch):
+    """--augment draws each row's augmentation from (seed, epoch, row): a run read by two loader workers, killed
+    after a mid-epoch checkpoint (one that follows a --val-every validation) and resumed, ends bitwise where an
+    uninterrupted run read in the main process ends."""
+    from clipmed.training import train as train_module
+    from clipmed.training.config import TrainConfig
+    from reliability_helpers import single_thread
+
+    def config(out: Path, workers: int) -> TrainConfig:
+        return TrainConfig(data=str(prepared_synthetic), model=str(tiny_dual_folder), out=str(out), epochs=2,
+                           batch_size=8, lr_pretrained=3e-3, lr_new=3e-3, checkpoint_every=4, precision="fp32",
+                           freeze_batchnorm=False, augment=True, aug_scale=(0.5, 1.0), aug_hflip=True, val_every=3,
+                           val_max_rows=6, loader_workers=workers)
+
+    real_save, calls = train_module.save_checkpoint, {"n": 0}
+
+    def killed_after_second_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    with single_thread():
+        reference = train_module.train(config(tmp_path / "reference", 0), progress=False)
+        monkeypatch.setattr(train_module, "save_checkpoint", killed_after_second_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(config(tmp_path / "run", 2), progress=False)
+        monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+        resumed = train_module.train(TrainConfig(out=str(tmp_path / "run")), resume=True, progress=False)
+    assert metric_rows(resumed) == metric_rows(reference)
+    assert (resumed / "validation.csv").read_text() == (reference / "validation.csv").read_text()
+    assert_same_weights(resumed, reference)

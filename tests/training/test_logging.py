@@ -16,7 +16,7 @@ from clipmed.training.logging import METRICS_COLUMNS, RunLogger
 def _log_steps(logger: RunLogger, steps: range, loss_offset: float = 0.0) -> None:
     for step in steps:
         logger.step(step, epoch=(step - 1) // 3, loss=2.0 - 0.1 * step + loss_offset, lr=1e-4 * step,
-                    logit_scale=2.65926, pairs_per_s=31.25, elapsed=0.5 * step)
+                    logit_scale=2.65926, pairs_per_s=31.25, elapsed=0.5 * step, data_wait=0.01 * step)
         if step % 3 == 0:
             logger.validation(step, "val_mean_recall_at_1", 0.1 * step)
 
@@ -37,7 +37,7 @@ def test_csv_files_hold_one_row_per_step_and_per_score(tmp_path):
         _log_steps(logger, range(1, 7))
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0] == ",".join(METRICS_COLUMNS)
-    assert lines[1] == "1,0,1.900000,1.000e-04,2.65926,31.25,0.5"
+    assert lines[1] == "1,0,1.900000,1.000e-04,2.65926,31.25,0.5,0.0100"
     assert len(lines) == 7
     assert _rows(tmp_path / "validation.csv") == [
         {"step": "3", "name": "val_mean_recall_at_1", "value": "0.300000"},

@@ -1,8 +1,10 @@
 """Scale-out: gradient accumulation (GradCache) and 2-process data parallelism give the single-process
-full-batch loss and gradients; the locked-tower feature cache gives the same training as recomputing."""
+full-batch loss and gradients, each process reading only its share of the batch from the image store; the
+locked-tower feature cache gives the same training as recomputing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,24 +15,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipmed.data.datasets import epoch_order
 from clipmed.data.split import load_prepared
+from clipmed.data.store import open_store
 from clipmed.training.config import TrainConfig
 from clipmed.training.distributed import World
 from clipmed.training.step import StepRunner, make_batch
-from clipmed.training.train import build_loss, train, training_rows
+from clipmed.training.train import _image_batches, build_loss, train, training_rows
 from helpers import REPO, tiny_dual
 
 
 def _gradients(objective: str, prepared_dir, *, accum_steps: int = 1, world: World = World(), seed: int = 0,
                local_loss: bool = False):
-    """Loss and gradients of one batch of 12 rows, the model in eval mode (no batch statistics, no dropout)."""
+    """Loss and gradients of the first batch of 12 rows, the model in eval mode (no batch statistics, no dropout);
+    this process reads its share of the batch's pixels from the image store, as training does."""
     config = TrainConfig(objective=objective, precision="fp32", accum_steps=accum_steps, batch_size=12,
-                         local_loss=local_loss)
+                         local_loss=local_loss, loader_workers=0)
     rows = training_rows(load_prepared(prepared_dir), config)
     model = tiny_dual(seed=seed)
     model.eval()
+    paths = [r.image_path for r in rows.records]
+    store = open_store(paths, model.preprocess.size, model.preprocess.interpolation)
+    pixels = next(_image_batches(store, store.lookup(paths)[0], config, world, steps_per_epoch=1, start=0, stop=1))
+    assert len(pixels) == 12 // world.size  # its own share only
     runner = StepRunner(model, build_loss(config), config, world)
-    loss = runner(make_batch(rows, torch.arange(12), config))
+    batch = make_batch(rows, epoch_order(len(rows.records), config.seed, 0)[:12], config)
+    loss = runner(dataclasses.replace(batch, pixels=pixels))
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -159,7 +169,7 @@ def test_locked_tower_cache_trains_exactly_like_recomputing(prepared_synthetic, 
                 batch_size=8, precision="fp32", lock_image=True, lr_new=3e-3)
     cached = train(TrainConfig(out=str(tmp_path / "cached"), **base), progress=False)
     recomputed = train(TrainConfig(out=str(tmp_path / "plain"), feature_cache=False, **base), progress=False)
-    assert len(list((tmp_path / "cache" / "features").glob("image-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache" / "features").glob("*/features.safetensors"))) == 1
     a = load_file(str(cached / "model" / "model.safetensors"))
     b = load_file(str(recomputed / "model" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -217,3 +217,43 @@ def test_optimizer_state_follows_its_parameters_memory_layout():
     expected, _ = stepped(torch.contiguous_format, contiguous.state_dict())
     resumed, _ = stepped(torch.channels_last, contiguous.state_dict())
     assert torch.allclose(resumed, expected, atol=1e-6)
+
+
+def test_val_every_validates_mid_epoch_saves_improvements_and_logs_data_wait(prepared_synthetic, tiny_dual_folder,
+                                                                           tmp_path, monkeypatch):
+    real_score, seen = train_module.validation_score, []
+
+    def recording_score(model, val, classes, config, choices):
+        seen.append([r.id for r in val])
+        return real_score(model, val, classes, config, choices)
+
+    monkeypatch.setattr(train_module, "validation_score", recording_score)
+    run = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", epochs=1, val_every=2,
+                        val_max_rows=4, loader_workers=0), progress=False)
+    with open(run / "validation.csv") as handle:
+        scores = list(csv.DictReader(handle))
+    steps = [int(s["step"]) for s in scores]
+    with open(run / "metrics.csv") as handle:
+        metrics = list(csv.DictReader(handle))
+    assert steps == [s for s in range(2, len(metrics), 2)] + [len(metrics)]  # every 2 steps, and the epoch end
+    assert all(float(row["data_wait_s"]) >= 0 for row in metrics)
+    best = max(float(s["value"]) for s in scores)
+    assert json.loads((run / "run.json").read_text())["best"]["val_mean_recall_at_1"] == best
+    # Every validation scores the same seeded subset of 4 val rows.
+    assert len(seen) == len(scores) and all(ids == seen[0] for ids in seen) and len(seen[0]) == 4
+    from clipmed.data.split import load_prepared
+    assert set(seen[0]) < set(load_prepared(prepared_synthetic).manifest["splits"]["val"])
+
+
+def test_a_second_train_into_a_run_folder_in_use_is_refused_naming_the_holder(prepared_synthetic, tiny_dual_folder,
+                                                                              tmp_path):
+    import os
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "what": "clipmed train", "since": 0}
+    (run / ".clipmed.lock").write_text(json.dumps(holder))  # a live process (pytest's parent) holds it
+    with pytest.raises(ClipmedError, match=f"locked by process {os.getppid()} on this host"):
+        train(_config(prepared_synthetic, tiny_dual_folder, run, max_steps=1, epochs=1), progress=False)
+    assert not (run / "run.json").exists()

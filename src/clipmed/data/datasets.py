@@ -1,90 +1,199 @@
-"""Torch-side data: a pre-resized uint8 image cache and the batches the trainer and evaluator consume.
+"""Torch-side data: pixels read from the image store (or from files) through a DataLoader, in a fixed order.
 
-Images are decoded once, resized to the tower's input (shorter side, then centre crop) and kept as uint8
-[3, S, S] tensors: later epochs and later models with the same input size cost no decoding at all.
-Normalisation happens on the batch (`ClipModel.normalize_pixels`), so one cache serves every tower of that size.
+Batches are uint8 [B, 3, S, S]; normalisation happens on the batch (`ClipModel.normalize_pixels`), so one store
+serves every tower of that input size. Training reads the rows of each batch in `epoch_order`, and a row's
+augmentation depends only on (seed, epoch, row): the pixels of a step are the same whatever the number of loader
+workers, the batch's position, the process count or a resume.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from .images import ImageError, open_rgb
+from .images import open_rgb
 from .records import Record
+from .store import INTERPOLATION, ImageStore, StoreOptions, open_store, resize_shorter
 
-_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Loader worker processes by default: one per two cores, at least one, at most four. Measured on a 2-core CPU
+# (DEVELOPERS.md): one worker already hides decoding behind the step; two take a core from the step's threads.
+DEFAULT_LOADER_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def center_crop(image: Image.Image, size: int) -> torch.Tensor:
+    """The centre size x size of an image whose shorter side is `size`, as uint8 [3, size, size]."""
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """Shorter side to `size`, centre crop to size x size, as uint8 [3, size, size]."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), _INTERPOLATION[interpolation])
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """Shorter side to `size`, centre crop to size x size, as uint8 [3, size, size] (evaluation's pixels)."""
+    return center_crop(resize_shorter(image, size, interpolation), size)
 
 
-class ImageCache:
-    """Process-wide cache of pre-resized uint8 images keyed by (path, size, interpolation)."""
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of an epoch depends only on (seed, epoch): a resumed run replays it exactly."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, int, str], torch.Tensor] = {}
 
-    def get(self, path: str, size: int, interpolation: str = "bicubic") -> torch.Tensor:
-        key = (path, size, interpolation)
-        if key not in self._store:
-            self._store[key] = resize_center_crop(open_rgb(path), size, interpolation)
-        return self._store[key]
+def row_generator(seed: int, epoch: int, row: int) -> torch.Generator:
+    """The random stream of one row's augmentation in one epoch, independent of everything else."""
+    state = np.random.SeedSequence([seed, epoch, row]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
-    def warm(self, paths: Sequence[str], size: int, interpolation: str = "bicubic", threads: int = 2,
-             progress: Callable[[Iterator], Iterator] | None = None) -> dict[str, str]:
-        """Decode every missing image with a thread pool (PIL releases the GIL while decoding).
 
-        Returns {path: reason} for images that could not be read (a file that changed after prepare):
-        callers skip and count those rows instead of crashing a long run.
-        """
-        missing = sorted({p for p in paths if (p, size, interpolation) not in self._store})
-        failures: dict[str, str] = {}
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation (open_clip's --aug-cfg in spirit): a random resized crop of `scale` of the area and
+    an aspect ratio in `ratio`, a rotation uniform in +-`rotation` degrees, brightness and contrast factors uniform
+    in 1 +- `jitter`, and a horizontal flip with probability 1/2 only when `hflip` (laterality matters in medicine)."""
 
-        def load(path: str) -> tuple[str, torch.Tensor | None, str | None]:
-            try:
-                return path, resize_center_crop(open_rgb(path), size, interpolation), None
-            except ImageError as exc:
-                return path, None, exc.reason
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotation: float = 10.0
+    jitter: float = 0.1
+    hflip: bool = False
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = pool.map(load, missing)
-            for path, tensor, reason in (progress(results) if progress else results):
-                if tensor is None:
-                    failures[path] = reason
-                else:
-                    self._store[(path, size, interpolation)] = tensor
-        return failures
+    def __call__(self, image: Image.Image, size: int, interpolation: str, rng: torch.Generator) -> torch.Tensor:
+        u = torch.rand(25, generator=rng, dtype=torch.float64).tolist()  # a fixed number of draws per image
+        left, top, width, height = self._crop_box(image.size, u[:20])
+        image = image.resize((size, size), INTERPOLATION[interpolation], box=(left, top, left + width, top + height))
+        if self.hflip and u[20] < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rotation:
+            image = image.rotate((2 * u[21] - 1) * self.rotation, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+        # numpy, not torch: per-image arithmetic this small only pays torch's thread start-up.
+        pixels = np.asarray(image, dtype=np.float32)
+        if self.jitter:
+            brightness, contrast = (1 + (2 * u[i] - 1) * self.jitter for i in (22, 23))
+            pixels = pixels * np.float32(brightness)
+            mean = pixels.mean(dtype=np.float64).astype(np.float32)
+            pixels = (pixels - mean) * np.float32(contrast) + mean
+        pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def _crop_box(self, shape: tuple[int, int], u: list[float]) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop parameters, from given uniforms (5 tries of 4 draws, then the centre)."""
+        width, height = shape
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for attempt in range(5):
+            a, b, c, d = u[4 * attempt: 4 * attempt + 4]
+            target = area * (self.scale[0] + a * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_lo + b * (log_hi - log_lo))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(c * (width - w + 1)), int(d * (height - h + 1)), w, h
+        side = min(width, height)
+        return (width - side) // 2, (height - side) // 2, side, side
+
+
+class StoreImages(Dataset):
+    """Pixels of store rows. An item is a store row (centre crop) or (row, epoch, key): the row's augmentation for
+    that epoch, `key` naming the training row whose random stream it uses; without `augment`, a centre crop."""
+
+    def __init__(self, store: ImageStore, augment: Augment | None = None, seed: int = 0) -> None:
+        self.store, self.augment, self.seed = store, augment, seed
+
+    def __getitem__(self, item: int | tuple[int, int, int]) -> torch.Tensor:
+        row, epoch, key = item if isinstance(item, tuple) else (item, 0, 0)
+        image = self.store.image(row)
+        if self.augment is None or not isinstance(item, tuple):
+            return center_crop(image, self.store.size)
+        return self.augment(image, self.store.size, self.store.interpolation, row_generator(self.seed, epoch, key))
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self.store)
 
 
-IMAGE_CACHE = ImageCache()
+class FileImages(Dataset):
+    """Pixels decoded straight from image files (a few images named on the command line: no store needed)."""
+
+    def __init__(self, paths: Sequence[str], size: int, interpolation: str) -> None:
+        self.paths, self.size, self.interpolation = list(paths), size, interpolation
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        return resize_center_crop(open_rgb(self.paths[item]), self.size, self.interpolation)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class EpochBatches:
+    """The image items of every training step from `start` to `stop`: each step's rows of `epoch_order`, those
+    with an image, this rank's contiguous share of them (`shard`: slice for a row count), as StoreImages items."""
+
+    def __init__(self, store_rows: np.ndarray, has_image: np.ndarray, *, seed: int, batch_size: int,
+                 steps_per_epoch: int, start: int, stop: int, shard=lambda n: slice(0, n)) -> None:
+        self.store_rows, self.has_image = store_rows, has_image
+        self.seed, self.batch_size, self.steps_per_epoch = seed, batch_size, steps_per_epoch
+        self.start, self.stop, self.shard = start, stop, shard
+
+    def step_rows(self, step: int) -> torch.Tensor:
+        """The training rows of `step` (what the trainer builds its batch from)."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.store_rows), self.seed, epoch)
+        return order[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for step in range(self.start, self.stop):
+            rows = self.step_rows(step).numpy()
+            rows = rows[self.has_image[rows]]
+            epoch = step // self.steps_per_epoch
+            yield [(int(self.store_rows[r]), epoch, int(r)) for r in rows[self.shard(len(rows))]]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def loader(dataset: Dataset, batches: Iterable[list], *, workers: int | None = None,
+           device: torch.device | str = "cpu") -> DataLoader:
+    """uint8 pixel batches in `batches` order, read by `workers` processes (None: DEFAULT_LOADER_WORKERS; 0: this
+    process), pinned for a CUDA device."""
+    workers = DEFAULT_LOADER_WORKERS if workers is None else workers
+    # Its own generator: a DataLoader draws its workers' base seed from it, which must not advance the global RNG
+    # (dropout): a resumed run creates its loaders at other moments than the run it continues.
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=torch.Generator(),
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+def pixel_batches(paths: Sequence[str], size: int, interpolation: str, *, batch_size: int,
+                  store: StoreOptions | None = StoreOptions(), workers: int | None = None,
+                  device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Centre-cropped uint8 batches of these images in order: from the image store (built for what it lacks), or
+    with `store=None` decoded from the files (an unreadable file raises its ImageError)."""
+    if not paths:
+        return iter(())
+    chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+    if store is None:
+        return iter(loader(FileImages(paths, size, interpolation), chunks, workers=workers, device=device))
+    image_store = open_store(paths, size, interpolation, store)
+    rows, failures = image_store.lookup(paths)
+    if failures or (rows < 0).any():
+        path = next(iter(failures), None) or paths[int(np.flatnonzero(rows < 0)[0])]
+        raise ValueError(f"{path}: not a readable image in the store; pass only records readable_records kept")
+    return iter(loader(StoreImages(image_store), [rows[c].tolist() for c in chunks], workers=workers, device=device))
 
 
 def readable_records(records: Sequence[Record], size: int, interpolation: str = "bicubic",
-                     cache: ImageCache = IMAGE_CACHE, progress: Callable[[Iterator], Iterator] | None = None
+                     store: StoreOptions = StoreOptions(), *, progress: bool = False
                      ) -> tuple[list[int], dict[str, str]]:
-    """Indices of the records whose image decodes (cached as a side effect), and {id: reason} of the others."""
-    failures = cache.warm([r.image_path for r in records], size, interpolation, progress=progress)
-    keep = [i for i, r in enumerate(records) if r.image_path not in failures]
-    return keep, {r.id: failures[r.image_path] for r in records if r.image_path in failures}
-
-
-def stack_images(records: Sequence[Record], size: int, interpolation: str = "bicubic",
-                 cache: ImageCache = IMAGE_CACHE) -> torch.Tensor:
-    """uint8 [B, 3, S, S] for the records' images."""
-    return torch.stack([cache.get(r.image_path, size, interpolation) for r in records])
+    """Indices of the records whose image decodes (storing them as a side effect), and {id: reason} of the others."""
+    with_path = [i for i, r in enumerate(records) if r.image_path is not None]
+    paths = [records[i].image_path for i in with_path]
+    reasons = {r.id: "no image" for r in records if r.image_path is None}
+    if not paths:
+        return [], reasons
+    rows, failures = open_store(paths, size, interpolation, store, progress=progress).lookup(paths)
+    keep = [i for i, row in zip(with_path, rows.tolist()) if row >= 0]
+    reasons.update({records[i].id: failures[records[i].image_path] for i, row in zip(with_path, rows.tolist()) if row < 0})
+    return keep, reasons

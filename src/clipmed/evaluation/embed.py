@@ -9,7 +9,8 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..data.datasets import stack_images
+from ..data.datasets import pixel_batches
+from ..data.store import StoreOptions
 from ..data.records import Record
 from ..machine import attention_for
 from ..models.base import ClipModel
@@ -34,16 +35,24 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int = 64, precision: str = "bf16",
-                 progress: bool = False) -> torch.Tensor:
-    """L2-normalised float32 image embeddings [N, D] in record order."""
+                 progress: bool = False, store: StoreOptions | None = StoreOptions(),
+                 loader_workers: int | None = None) -> torch.Tensor:
+    """L2-normalised float32 image embeddings [N, D] in record order.
+
+    Pixels come from the image store (`store`; images it lacks are stored first) through a DataLoader with
+    `loader_workers` processes; `store=None` decodes the files in this process (a few images named by a user,
+    whose unreadable file raises its one-line ImageError).
+    """
     device = _device(model)
     model.select_attention(attention_for(device))
-    size, interp = model.preprocess.size, model.preprocess.interpolation
+    batches = pixel_batches([r.image_path for r in records], model.preprocess.size, model.preprocess.interpolation,
+                            batch_size=batch_size, store=store, device=device,
+                            workers=0 if store is None and loader_workers is None else loader_workers)
     chunks = []
-    starts = range(0, len(records), batch_size)
     with evaluating(model):
-        for start in tqdm(starts, desc="embed images", disable=None if progress else True, leave=False):
-            pixels = model.normalize_pixels(stack_images(records[start:start + batch_size], size, interp).to(device))
+        for pixels in tqdm(batches, total=-(-len(records) // batch_size), desc="embed images",
+                           disable=None if progress else True, leave=False):
+            pixels = model.normalize_pixels(pixels.to(device, non_blocking=True))
             with autocast(precision, device):
                 chunks.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, 0)

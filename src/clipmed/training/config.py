@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..data.datasets import Augment
+from ..data.store import StoreOptions
 from ..machine import Speed
 from ..models import DEFAULT_SPEC
 
@@ -58,6 +60,17 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()     # tensorboard and/or wandb, besides metrics.csv (training/logging.py)
     suite: str | None = None            # a benchmark suite YAML scored at every validation (logged, RUN/suite/)
     select_by_suite: bool = False       # choose the checkpoint by the suite's average instead of the val score
+    store: str | None = None            # image store folder (--store); None: $CLIPMED_CACHE/store
+    store_format: str = "png"           # png (lossless) | jpeg (q95)
+    workers: int | None = None          # processes building the image store; None: one per core
+    loader_workers: int | None = None   # DataLoader processes reading the store; None: measured default
+    augment: bool = False               # random resized crop, rotation, brightness/contrast (training only)
+    aug_scale: tuple[float, float] = (0.9, 1.0)  # area range of the random resized crop
+    aug_rotation: float = 10.0          # degrees, uniform in +-
+    aug_jitter: float = 0.1             # brightness and contrast factors uniform in 1 +-
+    aug_hflip: bool = False             # horizontal flips (off: laterality matters in medical images)
+    val_every: int | None = None        # also validate (and save model/ when better) every N steps
+    val_max_rows: int | None = None     # validate on a fixed seeded subset of at most M val rows
 
     def speed(self) -> Speed:
         """The speed choices asked for (clipmed.machine.resolve puts them over its rule table)."""
@@ -68,6 +81,16 @@ class TrainConfig:
 
     def resolved_lr_clip(self) -> float:
         return self.lr_clip if self.lr_clip is not None else CLIP_PRETRAIN_LR * self.batch_size / CLIP_PRETRAIN_BATCH
+
+    def store_options(self) -> StoreOptions:
+        return StoreOptions(root=self.store, format=self.store_format, workers=self.workers)
+
+    def augmentation(self) -> Augment | None:
+        """The training augmentation, None without --augment."""
+        if not self.augment:
+            return None
+        return Augment(scale=tuple(self.aug_scale), rotation=self.aug_rotation, jitter=self.aug_jitter,
+                       hflip=self.aug_hflip)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

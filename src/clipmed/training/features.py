@@ -4,23 +4,19 @@ every epoch, so compute them once, keep them on disk keyed by weights and data, 
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.datasets import stack_images
+from ..cache import cache_dir
+from ..data.datasets import pixel_batches
 from ..data.records import Record
+from ..data.store import StoreOptions, wait_lock
 from ..io import atomic_write
 from ..machine import attention_for
 from ..models.base import ClipModel
 from ..precision import autocast
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CLIPMED_CACHE", Path.home() / ".cache" / "clipmed")) / "features"
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:
@@ -43,35 +39,43 @@ class LockedFeatures:
 
     @classmethod
     def build(cls, model: ClipModel, side: str, inputs: Sequence[Record] | Sequence[str], *, precision: str,
-              data_fingerprint: str, batch_size: int = 64) -> "LockedFeatures":
-        """Load the features from the disk cache, or compute them (eval mode, no grad) and store them."""
+              data_fingerprint: str, batch_size: int = 64, store: StoreOptions = StoreOptions(),
+              loader_workers: int | None = None) -> "LockedFeatures":
+        """Load the features from the disk cache (`clipmed.cache`, kind "features"), or compute them (eval mode,
+        no grad; images read from the image store) and store them under the entry's lock."""
         keys = [r.id for r in inputs] if side == "image" else list(dict.fromkeys(inputs))
-        digest = hashlib.sha256()
-        for part in (side, _module_fingerprint(model.towers()[side]), precision, data_fingerprint,
-                     repr(model.preprocess), *keys):
-            digest.update(str(part).encode())
-        path = cache_root() / f"{side}-{digest.hexdigest()[:32]}.safetensors"
-        if path.exists():
-            return cls(keys, load_file(str(path))["features"])
-        features = cls._compute(model, side, inputs if side == "image" else keys, precision, batch_size)
-        atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
-        return cls(keys, features)
+        folder = cache_dir("features", side, _module_fingerprint(model.towers()[side]), precision, data_fingerprint,
+                           repr(model.preprocess), keys)
+        path = folder / "features.safetensors"
+        if not path.exists():
+            with wait_lock(folder, what="feature cache"):
+                if not path.exists():  # another process may have computed it while this one waited
+                    features = cls._compute(model, side, inputs if side == "image" else keys, precision, batch_size,
+                                            store, loader_workers)
+                    atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
+        return cls(keys, load_file(str(path))["features"])
 
     @staticmethod
     @torch.no_grad()
-    def _compute(model: ClipModel, side: str, inputs: Sequence, precision: str, batch_size: int) -> torch.Tensor:
+    def _compute(model: ClipModel, side: str, inputs: Sequence, precision: str, batch_size: int,
+                 store: StoreOptions, loader_workers: int | None) -> torch.Tensor:
         tower = model.towers()[side]
         was_training = tower.training
         tower.eval()
         device = next(model.parameters()).device
         model.select_attention(attention_for(device))
+        if side == "image":
+            batches = pixel_batches([r.image_path for r in inputs], model.preprocess.size,
+                                    model.preprocess.interpolation, batch_size=batch_size, store=store,
+                                    workers=loader_workers, device=device)
+        else:
+            batches = (inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size))
         chunks = []
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start:start + batch_size]
+        for chunk in batches:
             with autocast(precision, device):
                 if side == "image":
-                    pixels = stack_images(chunk, model.preprocess.size, model.preprocess.interpolation).to(device)
-                    chunks.append(model.image_features(model.normalize_pixels(pixels)).float().cpu())
+                    pixels = model.normalize_pixels(chunk.to(device, non_blocking=True))
+                    chunks.append(model.image_features(pixels).float().cpu())
                 else:
                     tokens = {k: v.to(device) for k, v in model.tokenize(chunk).items()}
                     chunks.append(model.text_features(tokens).float().cpu())

@@ -20,7 +20,7 @@ from ..io import write_text_atomic
 
 METRICS_CSV = "metrics.csv"
 VALIDATION_CSV = "validation.csv"
-METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "logit_scale", "pairs_per_s", "elapsed_s"]
+METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "logit_scale", "pairs_per_s", "elapsed_s", "data_wait_s"]
 VALIDATION_COLUMNS = ["step", "name", "value"]
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID = "wandb-id.txt"
@@ -68,10 +68,11 @@ class RunLogger:
         self.wandb = _wandb(self.run, start_step, config, wandb_project) if "wandb" in report_to else None
 
     def step(self, step: int, epoch: int, loss: float, lr: float, logit_scale: float, pairs_per_s: float,
-             elapsed: float) -> None:
-        """One optimisation step; `logit_scale` is the model's parameter (log of the inverse temperature)."""
+             elapsed: float, data_wait: float = 0.0) -> None:
+        """One optimisation step; `logit_scale` is the model's parameter (log of the inverse temperature);
+        `data_wait` the seconds the step waited for its images (loading is the bottleneck when it is large)."""
         self.metrics.rows.append([str(step), str(epoch), f"{loss:.6f}", f"{lr:.3e}", f"{logit_scale:.5f}",
-                                  f"{pairs_per_s:.2f}", f"{elapsed:.1f}"])
+                                  f"{pairs_per_s:.2f}", f"{elapsed:.1f}", f"{data_wait:.4f}"])
         self._scalars(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale,
                              "train/pairs_per_s": pairs_per_s, "train/epoch": epoch})
 

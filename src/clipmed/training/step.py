@@ -10,7 +10,6 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from ..data.datasets import stack_images
 from ..data.records import Record
 from ..machine import Choices, resolve
 from ..machine import facts as machine_facts
@@ -26,12 +25,15 @@ class Batch:
     """What one step encodes and what its loss needs beside the embeddings.
 
     texts_sharded is False when every rank encodes all texts (the few distinct prompts of a label batch).
+    pixels: uint8 pixels of this rank's share of `images` (the trainer's loader fills them; None when a locked
+    image tower's cached features stand in for them).
     """
 
     images: list[Record]
     texts: list[str]
     loss_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     texts_sharded: bool = True
+    pixels: torch.Tensor | None = None
 
 
 def make_batch(rows, index: torch.Tensor, config: TrainConfig) -> Batch:
@@ -72,14 +74,17 @@ class StepRunner:
 
     # ---- encoders -----------------------------------------------------------------------------------------
 
-    def encode_images(self, records: Sequence[Record]) -> torch.Tensor:
+    def encode_images(self, records: Sequence[Record], pixels: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings of `records` from their pixels, or from the locked tower's cached features."""
         model = self.model
         with autocast(self.choices.image_precision, self.device):
             if self.locked_images is not None:
                 features = self.locked_images.lookup([r.id for r in records]).to(self.device)
             else:
-                pixels = stack_images(records, model.preprocess.size, model.preprocess.interpolation).to(self.device)
-                features = model.image_features(model.normalize_pixels(pixels))
+                if pixels is None or len(pixels) != len(records):
+                    raise ValueError(f"batch of {len(records)} images came with "
+                                     f"{'no' if pixels is None else len(pixels)} pixel rows")
+                features = model.image_features(model.normalize_pixels(pixels.to(self.device, non_blocking=True)))
             return F.normalize(model.project_image(features).float(), dim=-1)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -98,7 +103,7 @@ class StepRunner:
             loss = self._grad_cache_step(batch)
         else:
             world = self.world
-            image = world.gather(self.encode_images(world.shard(batch.images)), len(batch.images))
+            image = world.gather(self.encode_images(world.shard(batch.images), batch.pixels), len(batch.images))
             texts = world.shard(batch.texts) if batch.texts_sharded else batch.texts
             text = self.encode_texts(texts)
             text = world.gather(text, len(batch.texts)) if batch.texts_sharded else text
@@ -126,19 +131,22 @@ class StepRunner:
         of that gradient. Gradients equal the full batch's; activation memory is one micro-batch's."""
         steps = self.config.accum_steps
         image_chunks = [list(c) for c in _chunks(batch.images, steps)]
+        pixel_chunks = _chunks(batch.pixels, steps) if batch.pixels is not None else [None] * len(image_chunks)
+        image_chunks = list(zip(image_chunks, pixel_chunks))
         text_chunks = [list(c) for c in _chunks(batch.texts, steps)]
         rng_states: list[torch.Tensor] = []
+        encode_images = lambda chunk: self.encode_images(*chunk)  # noqa: E731
         with torch.no_grad():
-            image_parts = [self._remember(rng_states, self.encode_images, chunk) for chunk in image_chunks]
+            image_parts = [self._remember(rng_states, encode_images, chunk) for chunk in image_chunks]
             text_parts = [self._remember(rng_states, self.encode_texts, chunk) for chunk in text_chunks]
         after = torch.get_rng_state()
         image = torch.cat(image_parts).requires_grad_()
         text = torch.cat(text_parts).requires_grad_()
         loss = self._loss(image, text, batch)
         loss.backward()  # the temperature's gradient lands directly; the embeddings' is cached below
-        image_grads = image.grad.split([len(c) for c in image_chunks])
+        image_grads = image.grad.split([len(records) for records, _ in image_chunks])
         text_grads = text.grad.split([len(c) for c in text_chunks])
-        encoders = [self.encode_images] * len(image_chunks) + [self.encode_texts] * len(text_chunks)
+        encoders = [encode_images] * len(image_chunks) + [self.encode_texts] * len(text_chunks)
         # Replay each micro-batch with the RNG state of its first pass, so dropout masks match.
         for encode, chunk, grad, state in zip(encoders, image_chunks + text_chunks, image_grads + text_grads, rng_states):
             torch.set_rng_state(state)

@@ -7,19 +7,23 @@ A run folder holds: model/ (the best checkpoint by validation, in the model fami
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.datasets import readable_records
+from ..data.datasets import EpochBatches, StoreImages, epoch_order, loader
 from ..data.records import Record
+from ..data.store import ImageStore, open_store
 from ..data.split import PreparedData, load_prepared
 from ..devices import check_device
 from ..errors import ClipmedError
@@ -29,6 +33,7 @@ from ..evaluation.embed import embed_images, embed_texts
 from ..evaluation.metrics import retrieval_metrics
 from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
 from ..io import read_json, write_json_atomic
+from ..locking import FileLock
 from ..machine import Choices, apply_threads, facts, resolve
 from ..models import ClipModel, load_model
 from ..objectives import OBJECTIVES, ContrastiveLoss, LabelLoss, SemanticMatchingLoss
@@ -107,11 +112,6 @@ def _semantic_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
 SUITE_N_BOOT = 200
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of an epoch depends only on (seed, epoch): a resumed run replays it exactly."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
 def build_loss(config: TrainConfig) -> torch.nn.Module:
     if config.objective == "label":
         return LabelLoss(config.label_targets)
@@ -124,7 +124,8 @@ def validation_score(model: ClipModel, val: list[Record], classes: list[str], co
                      choices: Choices) -> tuple[str, float]:
     """Checkpoint selection without labels for label-free objectives (caption retrieval on val);
     zero-shot top-1 on val for the label objective. Each tower runs in the precision it trains in."""
-    images = embed_images(model, val, batch_size=config.eval_batch_size, precision=choices.image_precision)
+    images = embed_images(model, val, batch_size=config.eval_batch_size, precision=choices.image_precision,
+                          store=config.store_options(), loader_workers=config.loader_workers)
     if config.objective == "label":
         weights = class_embeddings(model, classes, [config.label_template], precision=choices.text_precision)
         predictions = zero_shot_scores(images, weights).argmax(dim=1)
@@ -168,21 +169,45 @@ def save_model_atomically(model: ClipModel, run: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _drop_unreadable(rows: TrainingRows, val: list[Record], model: ClipModel,
-                     progress: bool) -> tuple[TrainingRows, list[Record], dict[str, str]]:
-    """Decode every image once (the cache serves all epochs) and skip rows whose image stopped being readable
-    after prepare: one changed file must not crash a long run. Returns the kept rows, val and {id: reason}."""
+def _open_images(rows: TrainingRows, val: list[Record], model: ClipModel, config: TrainConfig, world: World,
+                 progress: bool) -> tuple[TrainingRows, list[Record], dict[str, str], ImageStore, numpy.ndarray]:
+    """The image store of the training and validation images (rank 0 builds what it lacks, the others wait), the
+    rows without those whose image stopped being readable after prepare (one changed file must not crash a long
+    run), val likewise (its fixed seeded subset with --val-max-rows), {id: reason} of the skipped, and the store
+    row of each kept training row (-1: a text-only row)."""
+    paths = [r.image_path for r, ok in zip(rows.records, rows.has_image) if ok] + [r.image_path for r in val]
     size, interpolation = model.preprocess.size, model.preprocess.interpolation
-    bar = (lambda it: tqdm(it, desc="decode images", leave=False)) if progress else None
-    with_image = [i for i, ok in enumerate(rows.has_image) if ok]
-    readable, unreadable = readable_records([rows.records[i] for i in with_image], size, interpolation, progress=bar)
-    dropped = set(with_image) - {with_image[i] for i in readable}
-    val_readable, val_unreadable = readable_records(val, size, interpolation, progress=bar)
-    if unreadable or val_unreadable:
-        tqdm.write(f"skipping {len(unreadable) + len(val_unreadable)} rows whose image can no longer be read "
-                   f"(listed in run.json)")
+    if world.is_main:
+        open_store(paths, size, interpolation, config.store_options(), progress=progress)
+    world.barrier()
+    store = open_store(paths, size, interpolation, config.store_options())
+    with_image = numpy.flatnonzero(numpy.array(rows.has_image, dtype=bool))
+    image_rows, failures = store.lookup([rows.records[i].image_path for i in with_image])
+    val_rows, val_failures = store.lookup([r.image_path for r in val])
+    unreadable = {rows.records[i].id: failures[rows.records[i].image_path] for i in with_image[image_rows < 0]}
+    unreadable.update({val[i].id: val_failures[val[i].image_path] for i in numpy.flatnonzero(val_rows < 0)})
+    if unreadable:
+        tqdm.write(f"skipping {len(unreadable)} rows whose image can no longer be read (listed in run.json)")
+    dropped = set(with_image[image_rows < 0].tolist())
     rows = rows.subset([i for i in range(len(rows.records)) if i not in dropped])
-    return rows, [val[i] for i in val_readable], {**unreadable, **val_unreadable}
+    val = [r for r, row in zip(val, val_rows.tolist()) if row >= 0]
+    if config.val_max_rows is not None and len(val) > config.val_max_rows:
+        pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(config.seed))[:config.val_max_rows]
+        val = [val[i] for i in sorted(pick.tolist())]
+    store_rows = numpy.full(len(rows.records), -1, dtype=numpy.int64)
+    keep_image = numpy.flatnonzero(numpy.array(rows.has_image, dtype=bool))
+    store_rows[keep_image] = store.lookup([rows.records[i].image_path for i in keep_image])[0]
+    return rows, val, unreadable, store, store_rows
+
+
+def _image_batches(store: ImageStore, store_rows: numpy.ndarray, config: TrainConfig, world: World, *,
+                   steps_per_epoch: int, start: int, stop: int) -> Iterator[torch.Tensor]:
+    """This rank's share of the image rows of each step from `start` to `stop`, read from the store in
+    epoch_order by the loader's worker processes (augmented per (seed, epoch, row) with --augment)."""
+    batches = EpochBatches(store_rows, store_rows >= 0, seed=config.seed, batch_size=config.batch_size,
+                           steps_per_epoch=steps_per_epoch, start=start, stop=stop, shard=world.shard_rows)
+    return iter(loader(StoreImages(store, config.augmentation(), seed=config.seed), batches,
+                       workers=config.loader_workers, device=config.device))
 
 
 def environment() -> dict:
@@ -195,10 +220,10 @@ def environment() -> dict:
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Train one run; with resume=True continue RUN from its last checkpoint, bitwise as if never stopped.
 
-    Under torchrun every rank runs this function; rank 0 alone writes the run folder.
+    Under torchrun every rank runs this function; rank 0 alone writes the run folder, and holds its lock for the
+    whole run (a second `clipmed train` into it is refused, naming the holder).
     """
     run = Path(config.out)
-    checkpoints = run / "checkpoints"
     if resume:
         if not (run / "run.json").is_file():
             raise ClipmedError(f"{run} holds no run to resume (no run.json: it was never started, or is not a run "
@@ -207,6 +232,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         config = TrainConfig.from_dict({**saved["config"], "out": str(run)})
     device = check_device(config.device)  # before any model loads
     world = init_world(config.device)
+    with FileLock(run, what="clipmed train") if world.is_main else nullcontext():
+        return _train(config, run, world, device, saved if resume else None, progress=progress)
+
+
+def _train(config: TrainConfig, run: Path, world: World, device: torch.device, saved: dict | None, *,
+           progress: bool) -> Path:
+    """The run itself, under the run folder's lock; `saved` is run.json of the run being resumed (None: a new run)."""
+    resume = saved is not None
+    checkpoints = run / "checkpoints"
     if not resume and (run / "run.json").exists():
         raise ClipmedError(f"{run} already holds a run: pass --resume to continue it or choose another --out")
     if resume and world.is_main:
@@ -244,7 +278,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             raise ClipmedError("--update-batchnorm with several CPU processes needs SyncBatchNorm, which torch runs on "
                                "GPUs only: keep BatchNorm statistics frozen (the default) or train on GPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    rows, val, unreadable = _drop_unreadable(rows, prepared.records("val"), model, progress)
+    rows, val, unreadable, store, store_rows = _open_images(rows, prepared.records("val"), model, config, world,
+                                                            progress)
     suite = read_suite(load_suite(config.suite)) if config.suite and world.is_main else None
     optimizer, groups = build_optimizer(model, config)  # also freezes locked towers (requires_grad False)
     runner = _step_runner(model, config, world, rows, prepared, choices)
@@ -280,31 +315,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                           "score_name": score_name})
         world.barrier()
 
-    started = time.time()
-    locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", disable=None if progress else True)
-    while step < total_steps:
-        epoch, first_batch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(rows.records), config.seed, epoch)
-        model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm, locked=locked)
-        for batch in range(first_batch, steps_per_epoch):
-            tick = time.time()
-            optimizer.zero_grad(set_to_none=True)
-            loss = runner(make_batch(rows, order[batch * config.batch_size:(batch + 1) * config.batch_size], config))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            rate = config.batch_size / (time.time() - tick)
-            lr = max(group["lr"] for group in optimizer.param_groups)
-            if logger is not None:
-                logger.step(step, epoch, loss, lr, model.logit_scale.item(), rate, time.time() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", pairs_s=f"{rate:.1f}")
-            if step == total_steps:
-                break
-            if step % config.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
-                checkpoint()
-        # End of an epoch (or of max_steps): select by validation, then checkpoint.
+    def validate(epoch: int) -> None:
+        """Rank 0 scores val; model/ is saved whenever the score improves (the first validation always does)."""
+        nonlocal best, best_epoch, score_name
         if world.is_main:
             score_name, score = validation_score(model, val, prepared.classes, config, choices)
             logger.validation(step, score_name, score)
@@ -316,7 +329,49 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             if score > best:
                 best, best_epoch = score, epoch
                 save_model_atomically(model, run)
-            bar.write(f"epoch {epoch}: {score_name} = {score:.4f} (best {best:.4f} at epoch {best_epoch})")
+            bar.write(f"step {step} (epoch {epoch}): {score_name} = {score:.4f} (best {best:.4f} at epoch {best_epoch})")
+        world.barrier()
+
+    started = time.time()
+    locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", disable=None if progress else True)
+    # Locked image features stand in for pixels: then nothing is read from the store while training.
+    images = (None if runner.locked_images is not None else
+              _image_batches(store, store_rows, config, world, steps_per_epoch=steps_per_epoch, start=step,
+                             stop=total_steps))
+    waited_total = 0.0
+    while step < total_steps:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(rows.records), config.seed, epoch)
+        model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm, locked=locked)
+        for batch in range(first_batch, steps_per_epoch):
+            tick = time.time()
+            pixels = next(images) if images is not None else None
+            waited = time.time() - tick
+            optimizer.zero_grad(set_to_none=True)
+            index = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+            loss = runner(dataclasses.replace(make_batch(rows, index, config), pixels=pixels))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seconds = time.time() - tick
+            rate, waited_total = config.batch_size / seconds, waited_total + waited
+            lr = max(group["lr"] for group in optimizer.param_groups)
+            if logger is not None:
+                logger.step(step, epoch, loss, lr, model.logit_scale.item(), rate, time.time() - started,
+                            data_wait=waited)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", pairs_s=f"{rate:.1f}",
+                            data_wait=f"{waited_total / max(time.time() - started, 1e-9):.0%}")
+            if step == total_steps:
+                break
+            if config.val_every and step % config.val_every == 0 and batch + 1 < steps_per_epoch:
+                validate(epoch)
+                checkpoint()
+            elif step % config.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
+                checkpoint()
+        # End of an epoch (or of max_steps): select by validation, then checkpoint.
+        validate(epoch)
         checkpoint()
     bar.close()
     if world.is_main:
@@ -335,15 +390,23 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     fingerprint = prepared.manifest["source"]["fingerprint"]
+
+    def features(side: str, inputs: list) -> LockedFeatures:
+        """Rank 0 computes and caches the features, then every rank loads them (one computation per run)."""
+        precision = choices.image_precision if side == "image" else choices.text_precision
+        build = lambda: LockedFeatures.build(model, side, inputs, precision=precision,  # noqa: E731
+                                             data_fingerprint=fingerprint, store=config.store_options(),
+                                             loader_workers=config.loader_workers)
+        built = build() if world.is_main else None
+        world.barrier()
+        return built if built is not None else build()
+
     locked_images = locked_texts = None
     if config.lock_image and config.feature_cache:
-        locked_images = LockedFeatures.build(model, "image", [r for r, ok in zip(rows.records, rows.has_image) if ok],
-                                             precision=choices.image_precision, data_fingerprint=fingerprint)
+        locked_images = features("image", [r for r, ok in zip(rows.records, rows.has_image) if ok])
     if config.lock_text and config.feature_cache:
-        texts = ([config.label_template.format(label=c) for c in rows.classes] if config.objective == "label"
-                 else [t for t in rows.texts if t is not None])
-        locked_texts = LockedFeatures.build(model, "text", texts, precision=choices.text_precision,
-                                            data_fingerprint=fingerprint)
+        locked_texts = features("text", [config.label_template.format(label=c) for c in rows.classes]
+                                if config.objective == "label" else [t for t in rows.texts if t is not None])
     if choices.compile:
         model.compile_towers(tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text))
                                    if not lock))
