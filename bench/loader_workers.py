@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine
+from common import REPO, machine, write_results
 
 
 def run(prepared: str, out: Path, workers: int, steps: int) -> dict:
@@ -52,7 +51,7 @@ def main() -> None:
     print("| loader workers | pairs/s | data wait share |\n|---|---|---|")
     for r in results["runs"]:
         print(f"| {r['loader_workers']} | {r['pairs_per_s']} | {100 * r['data_wait_share']:.1f}% |")
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

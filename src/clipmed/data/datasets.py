@@ -22,8 +22,8 @@ from .images import open_rgb
 from .records import Record
 from .store import INTERPOLATION, ImageStore, StoreOptions, open_store, resize_shorter
 
-# Loader worker processes by default: one per two cores, at least one, at most four. Measured on a 2-core CPU
-# (DEVELOPERS.md): one worker already hides decoding behind the step; two take a core from the step's threads.
+# Loader worker processes by default: one per two cores, at least one, at most four (DEVELOPERS.md says what was
+# measured): a worker overlaps reading with the step; on 2 cores a second one takes CPU from the step's threads.
 DEFAULT_LOADER_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
