@@ -76,3 +76,8 @@ def test_a_vit_image_tower_runs_in_bf16_where_the_cnn_rule_says_fp32():
     vit, rule = decide(_facts(AMX), image_tower="transformer")
     assert cnn.image_precision == "fp32" and vit.image_precision == "bf16" and "ViT" in rule
     assert decide(_facts(AVX2), image_tower="transformer")[0].image_precision == "fp32"
+
+
+def test_a_forced_contiguous_layout_turns_the_fold_off_unless_it_is_forced_too():
+    assert not resolve(Speed(memory_format="contiguous"), _facts(AMX))[0].fuse_conv_bn
+    assert resolve(Speed(memory_format="contiguous", fuse_conv_bn=True), _facts(AMX))[0].fuse_conv_bn

@@ -105,9 +105,9 @@ def _decide_conv(facts: Facts) -> tuple[Choices, str]:
             "cuda: bf16 from capability 8.0 (else fp32), channels_last, fused attention"
     flags = facts.cpu_flags
     if "amx_bf16" in flags or "avx512_bf16" in flags:
-        # EfficientNet-Lite0's depthwise convolutions do not gain from bf16, the text transformer's matmuls do.
-        # Forward + backward at batch 32 on an Intel Xeon with AMX (issue 11): fp32 channels_last 2.37 s, bf16
-        # 2.86 s. On an AMD EPYC with AVX512-BF16 and no AMX: see README's Performance section (the same order).
+        # EfficientNet-Lite0's depthwise convolutions do not gain from bf16, the text transformer's matmuls do;
+        # channels_last is the image tower's main gain. Measured on an Intel Xeon with AMX and on an AMD EPYC with
+        # AVX512-BF16 (README, Performance: per-machine choices).
         return Choices(image_precision="fp32", text_precision="bf16", memory_format="channels_last",
                        fuse_conv_bn=True, attention=attention_for("cpu"), threads=facts.cores, compile=False), \
             "cpu with bf16 instructions (amx_bf16 or avx512_bf16): fp32 channels_last image tower, bf16 text tower"
@@ -119,8 +119,8 @@ def _decide_conv(facts: Facts) -> tuple[Choices, str]:
 
 def attention_for(device: torch.device | str) -> str:
     """The attention kernel of a device kind: on the CPU torch's fused kernel has a slow backward at CLIP's 50-77
-    tokens (a fifth of a ViT-B/32 training step; plain matmul + softmax ran the step 1.23x faster and inference
-    no slower), on GPUs the fused kernels are the fast ones."""
+    tokens and plain matmul + softmax runs the training step faster (README, Performance), on GPUs the fused
+    kernels are the fast ones."""
     return "matmul" if torch.device(device).type == "cpu" else "fused"
 
 
@@ -143,6 +143,10 @@ def resolve(speed: Speed, facts: Facts, *, image_tower: str = "conv",
             forced[name] = getattr(speed, name)
     if speed.threads:
         forced["threads"] = speed.threads
+    if forced.get("memory_format") == "contiguous" and "fuse_conv_bn" not in forced:
+        # Folding builds new weights every step; in the contiguous layout oneDNN then reorders them each time and
+        # the image tower ran slower than unfolded (README, Performance). It pays in channels_last only.
+        forced["fuse_conv_bn"] = False
     choices = Choices(**{**rule_choices.to_dict(), **forced})
     return choices, rule + (f"; forced: {', '.join(sorted(forced))}" if forced else "")
 

@@ -85,8 +85,8 @@ class OpenCLIP(ClipModel):
         return features
 
     def select_attention(self, kind: str) -> None:
-        # open_clip's attention calls torch's scaled_dot_product_attention: "matmul" is its math backend (on the
-        # CPU a ViT-B/32 training step ran 1.15x faster with it than with the fused kernel), "fused" torch's choice.
+        # open_clip's attention calls torch's scaled_dot_product_attention: "matmul" is its math backend (faster
+        # on the CPU than the fused kernel, README Performance), "fused" torch's choice.
         self._sdpa_backends = [SDPBackend.MATH] if kind == "matmul" else None
 
     def _attention(self):
