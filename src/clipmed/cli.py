@@ -328,6 +328,7 @@ def cmd_entities(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .devices import check_device
     from .pipeline import ReproduceConfig, reproduce
 
     epochs = {name: value for name, value in (("caption", args.caption_epochs), ("label", args.label_epochs),
@@ -347,6 +348,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     if not (config.data and config.out):
         raise ClipmedError("reproduce needs --data and --out (or `data:` and `out:` in the --config recipe)")
     check_output(config.out, folder=True)
+    check_device(config.train.device)
     started = time.time()
     metrics = reproduce(config)
     for name, result in metrics["models"].items():
