@@ -49,6 +49,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, ROCO, print_table, write_results  # noqa: E402
+from synthetic_metadata import write_synthetic_metadata  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
 SAMPLE_S = 0.2
@@ -196,14 +197,11 @@ def large_set(scratch: Path, n: int, source: list[dict]) -> Path:
     return folder
 
 
-def metadata_set(scratch: Path, n: int, source: list[dict]) -> Path:
-    """n rows naming roco's own images (prepared with --image-root at roco): the manifest path, no image work."""
+def metadata_set(scratch: Path, n: int) -> Path:
+    """n rows naming roco's own images (prepared with --image-root at roco): the manifest path, no image work.
+    Rewritten every run (seconds), so a killed write never passes for a complete file."""
     folder = scratch / f"metadata-{n}"
-    if (folder / "metadata.jsonl").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_rows(folder, (_synthetic_row(source[i % len(source)], i, source[i % len(source)]["file_name"],
-                                        len(source)) for i in range(n)))
+    write_synthetic_metadata(folder, n, template=ROCO / "metadata.jsonl")
     return folder
 
 
@@ -445,7 +443,7 @@ def main() -> None:
                      **measure_set(tools, "large", large, settings["large"], work, settings, with_index=False)}
     metadata = None
     if tools.has("prepare", "--no-image-check"):
-        data = metadata_set(scratch, settings["metadata_rows"], source)
+        data = metadata_set(scratch, settings["metadata_rows"])
         print(f"[{time.strftime('%H:%M:%S')}] metadata-only prepare: {settings['metadata_rows']} rows", flush=True)
         metadata = {"name": f"metadata-only {settings['metadata_rows']}", "rows": settings["metadata_rows"],
                     "prepare": prepare(tools, data, work / "prepared-metadata", work / "logs" / "metadata.log",
