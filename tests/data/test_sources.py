@@ -57,6 +57,17 @@ def test_imagefolder_locators_and_bad_lines_are_problem_rows(tmp_path, kit, rows
         ("metadata.jsonl:6", "not UTF-8 text (byte 0xe9 at column 39); save metadata.jsonl as UTF-8")]
 
 
+def test_an_image_path_with_a_lone_surrogate_escape_is_a_problem_row(tmp_path, kit, rows):
+    """JSON may spell a lone surrogate ("\\ud800"): no file has that name and UTF-8 cannot write it back out
+    (it crashed prepare's checkpoint writer), so the row is bad, not fatal."""
+    path = kit.write("imagefolder", tmp_path, rows)
+    with open(tmp_path / "metadata.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"file_name": "\\ud800", "caption": "a figure", "id": "surrogate"}\n')
+    loaded = load_source(path)
+    assert "surrogate" not in [r.id for r in loaded.records]
+    assert loaded.problems == [(f"metadata.jsonl:{len(rows) + 1}", "image path is not valid Unicode")]
+
+
 def test_csv_rows_with_bytes_that_are_not_utf8_are_problem_rows(tmp_path, kit, rows):
     path = Path(kit.write("csv", tmp_path, rows))
     with open(path, "ab") as handle:

@@ -742,4 +742,6 @@ def _path_value(value: Any, base: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise _RowProblem(f"image path is a {type(value).__name__}, not text")
+    if not _is_unicode(value):  # a lone surrogate escape (JSON "\ud800") can name no file and cannot be written out
+        raise _RowProblem("image path is not valid Unicode")
     return os.path.abspath(os.path.join(base, value))
