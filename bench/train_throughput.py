@@ -74,21 +74,22 @@ def clipmed_step(model, objective: str, records, texts, labels, without: tuple[s
     from clipmed.training.config import TrainConfig
     from clipmed.training.optim import build_optimizer
     from clipmed.data.datasets import pixel_batches
-    from clipmed.training.step import StepRunner, make_batch
-    from clipmed.training.train import TrainingRows, build_loss
+    from clipmed.objectives import TrainingRows, get_objective
+    from clipmed.training.step import StepRunner
 
     config = TrainConfig(objective=objective, batch_size=len(records), lr_clip=1e-5, **options)
     classes = sorted(set(labels)) if labels else []
     rows = TrainingRows(list(records), list(texts), [True] * len(records), classes,
                         labels=torch.tensor([classes.index(x) for x in labels]) if labels else None)
-    runner = StepRunner(model, build_loss(config), config)
+    chosen = get_objective(objective)
+    runner = StepRunner(model, chosen.loss(config, model), config)
     optimizer, _ = build_optimizer(model, config)
     if "fused_adamw" in without:
         optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
                                        for g in optimizer.param_groups], betas=(0.9, 0.98), eps=1e-6, foreach=True)
     model.set_train_mode(freeze_batchnorm=True)
     paths = [r.image_path for r in records]
-    batch = dataclasses.replace(make_batch(rows, torch.arange(len(records)), config), pixels=next(pixel_batches(
+    batch = dataclasses.replace(chosen.batch(rows, torch.arange(len(records)), config), pixels=next(pixel_batches(
         paths, model.preprocess.size, model.preprocess.interpolation, batch_size=len(paths))))
     # Ablations of one shared ViT model set its switches before each of their steps.
     pooled = getattr(model, "_pooled_forward", False) and "pooled_last_layer" not in without

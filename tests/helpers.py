@@ -18,6 +18,7 @@ ROCO = REPO.parent / "shared" / "datasets" / "roco-radiology"
 TINY_TEXT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 CLASSES = ["Abdomen", "Chest", "Head"]
+MODALITIES = ["CT", "MRI"]
 COLOURS = {"Abdomen": (200, 40, 40), "Chest": (40, 200, 40), "Head": (40, 40, 200)}
 
 
@@ -59,7 +60,8 @@ def tiny_hf_folder(directory: Path, seed: int = 0) -> Path:
 
 
 def write_synthetic_imagefolder(root: Path, per_class: int = 24, unlabeled: int = 12, seed: int = 0) -> Path:
-    """An imagefolder dataset whose class shows in the image colour and in the caption (learnable quickly)."""
+    """An imagefolder dataset whose class shows in the image colour and in the caption (learnable quickly); a
+    second label field, modality (CT or MRI, every other row), stands for roco's."""
     rng = random.Random(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -74,7 +76,8 @@ def write_synthetic_imagefolder(root: Path, per_class: int = 24, unlabeled: int 
         part = (label or "unspecified region").lower()
         rows.append({"file_name": name, "id": f"row{index:04d}",
                      "caption": f"Radiograph of the {part} showing {rng.choice(findings)}.",
-                     "body_part": label, "article": f"A{index // 2}", "source": f"fig{index}", "license": "CC BY"})
+                     "body_part": label, "modality": MODALITIES[index % 2], "article": f"A{index // 2}",
+                     "source": f"fig{index}", "license": "CC BY"})
     with open(root / "metadata.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")

@@ -9,27 +9,18 @@ import time
 from pathlib import Path
 
 from .errors import ClipmedError
-from .io import check_output
+from .io import check_output, read_json
+from .options import add_options, checked, from_args
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    """The same data options on every command."""
+def _add_data_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """The same data options on every command: the field names (FieldMap) and how the source is read."""
+    from .data.records import FieldMap
+    from .pipeline import SOURCE_OPTIONS, ReproduceConfig
+
     group = parser.add_argument_group("data")
-    group.add_argument("--format", dest="fmt", choices=["imagefolder", "pubmedvision", "csv", "hf", "webdataset"],
-                       help="source format (default: detected from the path)")
-    group.add_argument("--image-root", help="folder that image paths are relative to")
-    group.add_argument("--caption-field", default="caption")
-    group.add_argument("--label-field", default="body_part")
-    group.add_argument("--image-field", default="file_name")
-    group.add_argument("--group-field", help="rows sharing this value never straddle splits (roco: article)")
-    group.add_argument("--id-field", default="id")
-    group.add_argument("--classes", help="comma-separated class names (default: values with >= --min-class-count rows)")
-    group.add_argument("--min-class-count", type=int, default=20)
-    group.add_argument("--case-sensitive-labels", action="store_true",
-                       help="keep labels differing only in case apart (default: merged into the most frequent spelling)")
-    group.add_argument("--streaming", action="store_true", help="read a Hugging Face hub dataset as a stream")
-    group.add_argument("--allow-outside-paths", action="store_true",
-                       help="accept image paths outside the dataset folder and --image-root (e.g. absolute CSV paths)")
+    add_options(group, ReproduceConfig, only=SOURCE_OPTIONS)
+    add_options(group, FieldMap, prefix=prefix)
 
 
 def _source_options(args: argparse.Namespace) -> dict:
@@ -38,25 +29,20 @@ def _source_options(args: argparse.Namespace) -> dict:
                 allow_outside_paths=args.allow_outside_paths)
 
 
-def _fields(args: argparse.Namespace):
+def _fields(args: argparse.Namespace, prefix: str = ""):
     from .data.records import FieldMap
 
-    return FieldMap(caption_field=args.caption_field, label_field=args.label_field, image_field=args.image_field,
-                    group_field=args.group_field, id_field=args.id_field)
+    return from_args(FieldMap, args, prefix=prefix)
 
 
-def _classes(args: argparse.Namespace) -> list[str] | None:
-    return [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+# The image store's options, on every command that reads images through it (declared on TrainConfig).
+STORE_OPTIONS = ("store", "store_format", "workers", "loader_workers")
 
 
 def _add_store_options(group) -> None:
-    group.add_argument("--store", metavar="DIR", help="image store folder (default: $CLIPMED_CACHE/store, "
-                       "$CLIPMED_CACHE defaulting to ~/.cache/clipmed)")
-    group.add_argument("--store-format", choices=["png", "jpeg"], default="png",
-                       help="how the store keeps images: png (lossless, default) or jpeg (q95, about a third the size)")
-    group.add_argument("--workers", type=int, help="processes building the image store (default: one per core)")
-    group.add_argument("--loader-workers", type=int,
-                       help="DataLoader processes reading the store (default: one per two cores, 1 to 4)")
+    from .training.config import TrainConfig
+
+    add_options(group, TrainConfig, only=STORE_OPTIONS)
 
 
 def _store_options(args: argparse.Namespace):
@@ -65,107 +51,10 @@ def _store_options(args: argparse.Namespace):
     return StoreOptions(root=args.store, format=args.store_format, workers=args.workers)
 
 
-def _scale_pair(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH (e.g. 0.9,1.0)") from None
-    if not 0 < low <= high <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < LOW <= HIGH <= 1")
-    return low, high
-
-
-def _add_train_options(parser: argparse.ArgumentParser, *, objective: bool) -> None:
+def _add_train_options(parser: argparse.ArgumentParser, *, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
     from .training.config import TrainConfig
 
-    defaults = TrainConfig()
-    group = parser.add_argument_group("training")
-    if objective:
-        group.add_argument("--objective", choices=["caption", "label", "semantic"], default=defaults.objective)
-    group.add_argument("--epochs", type=int, default=defaults.epochs)
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--lr-clip", type=float, help="rate for weights of a pretrained CLIP (default: CLIP's "
-                       "pretraining rate 5e-4 scaled by batch/32768)")
-    group.add_argument("--lr-pretrained", type=float, default=defaults.lr_pretrained,
-                       help="rate for towers pretrained alone (ImageNet CNN, MiniLM)")
-    group.add_argument("--lr-new", type=float, default=defaults.lr_new, help="rate for fresh projections and temperature")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    group.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-    group.add_argument("--lock-image", action="store_true", help="freeze the image tower")
-    group.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    group.add_argument("--update-batchnorm", action="store_true",
-                       help="update BatchNorm running statistics while training (default: frozen)")
-    group.add_argument("--label-template", default=defaults.label_template)
-    group.add_argument("--label-targets", choices=["multi", "naive"], default=defaults.label_targets)
-    group.add_argument("--semantic-temperature", type=float, default=defaults.semantic_temperature,
-                       help="tau_t of the semantic matching targets softmax(s / tau_t)")
-    group.add_argument("--entities-from", choices=["captions", "labels", "both"], default=defaults.entities_from)
-    group.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
-    group.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
-                       help="both towers' autocast (auto: decided for this machine, recorded in run.json)")
-    group.add_argument("--image-precision", choices=["auto", "bf16", "fp32"], default=defaults.image_precision,
-                       help="the image tower's, over --precision")
-    group.add_argument("--text-precision", choices=["auto", "bf16", "fp32"], default=defaults.text_precision,
-                       help="the text tower's, over --precision")
-    group.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"],
-                       default=defaults.memory_format, help="a convolutional image tower's memory format")
-    group.add_argument("--fuse-conv-bn", choices=["auto", "on", "off"], default="auto",
-                       help="fold frozen BatchNorm into the convolution before it (same function, one pass)")
-    group.add_argument("--attention", choices=["auto", "matmul", "fused"], default=defaults.attention,
-                       help="attention kernel: plain matmul + softmax, or torch's fused kernels")
-    group.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: auto)")
-    group.add_argument("--accum-steps", type=int, default=defaults.accum_steps,
-                       help="micro-batches per step; the loss still sees every negative of --batch-size (GradCache)")
-    group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
-    group.add_argument("--compile", action="store_true", default=None,
-                       help="torch.compile the trainable towers (default: decided for this machine)")
-    group.add_argument("--local-loss", action="store_true",
-                       help="under torchrun, caption objective: each process computes the loss terms of its own rows "
-                            "against the global batch (open_clip's local loss; same loss, less logit memory)")
-    group.add_argument("--no-feature-cache", action="store_true",
-                       help="recompute a locked tower's features every step instead of caching them on disk")
-    group.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    group.add_argument("--max-steps", type=int)
-    group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--device", default=defaults.device)
-    group.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb"], default=[],
-                       help="also log to TensorBoard (RUN/tensorboard) and/or Weights & Biases (metrics.csv always)")
-    group.add_argument("--val-every", type=int, metavar="N",
-                       help="also validate every N steps (model/ is saved whenever validation improves)")
-    group.add_argument("--val-max-rows", type=int, metavar="M", help="validate on a fixed seeded subset of M val rows")
-    _add_store_options(group)
-    group.add_argument("--augment", action="store_true",
-                       help="random resized crop, small rotation, brightness/contrast jitter (training only)")
-    group.add_argument("--aug-scale", type=_scale_pair, default=defaults.aug_scale, metavar="LOW,HIGH",
-                       help="area range of the random resized crop (default 0.9,1.0)")
-    group.add_argument("--aug-rotation", type=float, default=defaults.aug_rotation, help="degrees, uniform in +-")
-    group.add_argument("--aug-jitter", type=float, default=defaults.aug_jitter,
-                       help="brightness and contrast factors uniform in 1 +- this")
-    group.add_argument("--aug-hflip", action="store_true",
-                       help="random horizontal flips (off by default: laterality matters in medical images)")
-
-
-def _train_config(args: argparse.Namespace, **overrides):
-    from .training.config import TrainConfig
-
-    values = dict(epochs=args.epochs, batch_size=args.batch_size, lr_clip=args.lr_clip, lr_pretrained=args.lr_pretrained,
-                  lr_new=args.lr_new, weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
-                  lock_image=args.lock_image, lock_text=args.lock_text, freeze_batchnorm=not args.update_batchnorm,
-                  label_template=args.label_template, label_targets=args.label_targets,
-                  semantic_temperature=args.semantic_temperature, entities_from=args.entities_from,
-                  vocabulary=args.vocabulary, precision=args.precision, image_precision=args.image_precision,
-                  text_precision=args.text_precision, memory_format=args.memory_format,
-                  fuse_conv_bn={"auto": None, "on": True, "off": False}[args.fuse_conv_bn], attention=args.attention,
-                  threads=args.threads, accum_steps=args.accum_steps,
-                  grad_checkpointing=args.grad_checkpointing, compile=args.compile, local_loss=args.local_loss,
-                  feature_cache=not args.no_feature_cache,
-                  checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, seed=args.seed, device=args.device,
-                  report_to=tuple(args.report_to), val_every=args.val_every, val_max_rows=args.val_max_rows,
-                  store=args.store, store_format=args.store_format, workers=args.workers,
-                  loader_workers=args.loader_workers, augment=args.augment, aug_scale=tuple(args.aug_scale),
-                  aug_rotation=args.aug_rotation, aug_jitter=args.aug_jitter, aug_hflip=args.aug_hflip)
-    values.update(overrides)
-    return TrainConfig(**values)
+    add_options(parser.add_argument_group("training"), TrainConfig, prefix=prefix, exclude=exclude)
 
 
 def _typed_options(argv: list[str] | None) -> set[str]:
@@ -181,45 +70,20 @@ def _typed_options(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-# Typed options of `reproduce` whose place in ReproduceConfig is not a top-level field of the same name.
-# Negated flags and the TrainConfig field they set.
-_NEGATED = {"update_batchnorm": "freeze_batchnorm", "no_feature_cache": "feature_cache"}
-_REPRODUCE_PATHS = {"epochs": "train.epochs", **{flag: f"train.{name}" for flag, name in _NEGATED.items()},
-                    "fractions": "sweep_fractions", "caption_epochs": "epochs.caption",
-                    "label_epochs": "epochs.label", "semantic_epochs": "epochs.semantic"}
-
-
 def _recipe_paths(typed: set[str], config) -> set[str]:
-    """Where each typed option lives in `config` (a ReproduceConfig or a TrainConfig), as with_overrides paths;
-    options that are no config field (--config, --resume) have none."""
+    """The typed options that are config values: a dest is the option's dotted path in `config` ("train.epochs",
+    "fields.label_field", "epochs.caption"), so only options that are no config field (--config) drop out."""
     from dataclasses import fields
 
-    from .data.records import FieldMap
-    from .training.config import TrainConfig
-
-    def names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
-
-    if isinstance(config, TrainConfig):
-        return {_NEGATED.get(d, d) for d in typed} & names(TrainConfig)
-    paths = set()
-    for dest in typed:
-        if dest in _REPRODUCE_PATHS:
-            paths.add(_REPRODUCE_PATHS[dest])
-        elif dest in names(FieldMap):
-            paths.add(f"fields.{dest}")
-        elif dest in names(type(config)):
-            paths.add(dest)
-        elif dest in names(TrainConfig):
-            paths.add(f"train.{dest}")
-    return paths
+    names = {f.name for f in fields(config)}
+    return {dest for dest in typed if dest.split(".")[0] in names}
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data.split import prepare
 
     check_output(args.out, folder=True)
-    summary = prepare(args.data, args.out, **_source_options(args), classes=_classes(args),
+    summary = prepare(args.data, args.out, **_source_options(args), classes=args.classes,
                       min_class_count=args.min_class_count, case_sensitive_labels=args.case_sensitive_labels,
                       n=args.n, seed=args.seed, strict=args.strict, check_images=args.check_images,
                       workers=args.workers)
@@ -227,6 +91,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .training.config import TrainConfig
     from .training.train import train
 
     if args.resume or args.out:
@@ -234,12 +99,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config:
             raise ClipmedError("--resume continues a run with its saved config: drop --config")
-        run = train(_train_config(args, out=args.resume), resume=True)
+        run = train(from_args(TrainConfig, args, out=args.resume), resume=True)
     else:
         if not (args.data and args.out):
             raise ClipmedError("train needs --data PREPARED_DIR and --out RUN (or --resume RUN)")
-        config = _train_config(args, data=args.data, out=args.out, model=args.model, objective=args.objective,
-                               suite=args.suite, select_by_suite=args.select_by_suite)
+        config = from_args(TrainConfig, args)
         if args.config:
             from .config_files import load_recipe, recipe_train_config, with_overrides
 
@@ -250,8 +114,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .data.records import FieldMap
     from .data.split import load_for_evaluation, load_prepared
-    from .evaluation.evaluate import EvalConfig, full_evaluation
+    from .evaluation.evaluate import EvalConfig, full_evaluation, labeled_split
     from .io import write_json_atomic
     from .knowledge import load_templates
     from .models import load_model
@@ -263,22 +128,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ClipmedError(f"{args.data} is a prepared folder: use --split test or val (--split all is for a "
                                "dataset that was never prepared)")
         prepared = load_prepared(args.data)
-        label_field = prepared.manifest["fields"]["label_field"]
-        if args.label_field not in (None, label_field):
-            raise ClipmedError(f"{args.data} was prepared with label field {label_field!r}, not {args.label_field!r}: "
-                               "prepare the dataset again with that --label-field")
-        records, classes, train = prepared.records(args.split), prepared.classes, prepared.records("train")
+        label_field = args.label_field or prepared.manifest["fields"]["label_field"]
+        records, classes, train = labeled_split(prepared, args.split, label_field, classes=args.classes,
+                                                min_class_count=args.min_class_count)
     else:
         if args.split != "all":
             raise ClipmedError(f"{args.data} has no split.json: run `clipmed prepare` first, or pass --split all "
                                "to score every labeled row")
-        label_field = args.label_field = args.label_field or "body_part"
-        records, classes = load_for_evaluation(args.data, **_source_options(args), classes=_classes(args),
+        label_field = args.label_field = args.label_field or FieldMap().label_field
+        records, classes = load_for_evaluation(args.data, **_source_options(args), classes=args.classes,
                                                min_class_count=args.min_class_count,
                                                case_sensitive_labels=args.case_sensitive_labels)
         train = None  # a dataset never prepared has no train split for the linear probe
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    config = EvalConfig(template=args.template, precision=args.precision)
+    config = from_args(EvalConfig, args)
     result, _ = full_evaluation(model, records, train, classes, load_templates(label_field or "default", args.templates),
                                 config, progress=True)
     if args.out:
@@ -317,6 +180,21 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     print(f"report: {out / BENCHMARK_MD}")
 
 
+def cmd_wise_ft(args: argparse.Namespace) -> None:
+    from .training.wise_ft import WiseFTConfig, wise_ft
+
+    config = from_args(WiseFTConfig, args)
+    missing = [flag for flag in ("base", "finetuned", "data", "out") if not getattr(config, flag)]
+    if missing:
+        raise ClipmedError(f"wise-ft needs {', '.join('--' + m for m in missing)}")
+    run = wise_ft(config)
+    chosen = read_json(run / "run.json")["wise_ft"]
+    for point in chosen["alphas"]:
+        print(f"a={point['alpha']:<5g} val top-1 {point['val_zero_shot_top1']:.3f}  val R@1 "
+              f"{point['val_mean_recall_at_1']:.3f}  mean {point['score']:.3f}")
+    print(f"chose a={chosen['chosen']:g}; run written to {run}")
+
+
 def cmd_entities(args: argparse.Namespace) -> None:
     from .data.sources import load_source
     from .knowledge import ConceptExtractor, Vocabulary, coverage, format_coverage
@@ -327,20 +205,23 @@ def cmd_entities(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_coverage(report))
 
 
+def _reproduce_config(args: argparse.Namespace):
+    """ReproduceConfig from the flags of `reproduce` or `sweep` (dests are config paths: "train.epochs", ...)."""
+    from .objectives import OBJECTIVES
+    from .pipeline import ReproduceConfig
+    from .training.config import TrainConfig
+
+    epochs = {name: getattr(args, f"epochs.{name}") for name in OBJECTIVES
+              if getattr(args, f"epochs.{name}", None) is not None}
+    return from_args(ReproduceConfig, args, fields=_fields(args, "fields."),
+                     train=from_args(TrainConfig, args, prefix="train."), epochs=epochs)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from .devices import check_device
-    from .pipeline import ReproduceConfig, reproduce
+    from .pipeline import reproduce
 
-    epochs = {name: value for name, value in (("caption", args.caption_epochs), ("label", args.label_epochs),
-                                              ("semantic", args.semantic_epochs)) if value is not None}
-    config = ReproduceConfig(data=args.data, out=args.out, model=args.model, **_source_options(args),
-                             classes=_classes(args), min_class_count=args.min_class_count,
-                             case_sensitive_labels=args.case_sensitive_labels,
-                             n=args.n, seed=args.seed, objectives=tuple(args.objectives.split(",")),
-                             train=_train_config(args), epochs=epochs, sweep=args.sweep,
-                             sweep_fractions=tuple(float(f) for f in args.fractions.split(",")),
-                             semantic_temperatures=tuple(float(t) for t in args.semantic_temperatures.split(",") if t),
-                             suite=args.suite)
+    config = _reproduce_config(args)
     if args.config:
         from .config_files import load_recipe, with_overrides
 
@@ -361,12 +242,12 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .data.split import load_prepared
     from .io import write_json_atomic
-    from .pipeline import ReproduceConfig, sweep
+    from .pipeline import sweep
 
     check_output(args.out, folder=True)
-    config = ReproduceConfig(data=args.data, out=args.out, model=args.model, seed=args.seed,
-                             objectives=tuple(args.objectives.split(",")), train=_train_config(args),
-                             sweep_fractions=tuple(float(f) for f in args.fractions.split(",")))
+    if not (args.data and args.out):
+        raise ClipmedError("sweep needs --data PREPARED_DIR and --out FOLDER")
+    config = _reproduce_config(args)
     points = sweep(load_prepared(args.data), Path(args.out), config)
     write_json_atomic(Path(args.out) / "sweep.json", points)
     for objective, rows in points.items():
@@ -378,10 +259,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _add_inference_options(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    from .evaluation.evaluate import EvalConfig
+    from .training.config import TrainConfig
+
     parser.add_argument("--model", required=True, help="a run folder, a saved model folder or a model spec")
     if precision:
-        parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--device", default="cpu")
+        add_options(parser, EvalConfig, only=("precision",))
+    add_options(parser, TrainConfig, only=("device",))
 
 
 def _inference_model(args: argparse.Namespace):
@@ -396,9 +280,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from .inference import format_predictions, predict
-
-    from .evaluation.zeroshot import DEFAULT_TEMPLATE
     from .knowledge import load_templates
+    from .knowledge.prompts import DEFAULT_TEMPLATE
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if args.templates and args.template:
@@ -474,7 +357,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_SPEC
+    from .evaluation.evaluate import EvalConfig
+    from .objectives import OBJECTIVES
+    from .pipeline import SOURCE_OPTIONS, ReproduceConfig
+    from .training.config import PER_RUN_FIELDS
+    # reproduce and sweep set these per run; reproduce's own --suite scores every model it trains.
+    shared_training = (*PER_RUN_FIELDS, "suite", "select_by_suite")
+    from .training.wise_ft import WiseFTConfig
 
     parser = _Parser(prog="clipmed", description="Adapt CLIP-style image-text models to medical "
                                      "imaging and measure, with confidence intervals, how much each adaptation helps.")
@@ -483,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="validate a dataset and write its split manifest (split.json)")
     p.add_argument("data")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=4096, help="labeled rows to sample (all when fewer)")
-    p.add_argument("--seed", type=int, default=0)
+    add_options(p, ReproduceConfig, only=("n", "seed"))
     p.add_argument("--strict", action="store_true", help="turn skipped rows into errors")
     p.add_argument("--workers", type=int, help="processes that decode images (default: one per core)")
     p.add_argument("--no-image-check", dest="check_images", action="store_false",
@@ -493,17 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("train", help="fine-tune a model on a prepared dataset")
-    p.add_argument("--data", help="prepared folder")
-    p.add_argument("--model", default=DEFAULT_SPEC, help="dual:..., hf:..., or a run folder")
-    p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--config", metavar="FILE", help="a recipe (configs/*.yaml): its training section, model and "
                    "seed; options typed here override it")
-    p.add_argument("--suite", metavar="SUITE.yaml", help="also score this benchmark suite at every validation "
-                   "(validation.csv and RUN/suite/; see `clipmed benchmark`)")
-    p.add_argument("--select-by-suite", action="store_true",
-                   help="choose the checkpoint by the suite's average instead of the validation score")
-    _add_train_options(p, objective=True)
+    _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("evaluate", help="zero-shot classification metrics with bootstrap intervals")
@@ -511,20 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a prepared folder, or any dataset with --split all")
     p.add_argument("--split", choices=["test", "val", "all"], default="test")
     p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--template", default="A medical image of {label}")
+    add_options(p, EvalConfig)
     p.add_argument("--templates", help="a prompt-ensemble YAML replacing the packaged one (label field -> templates)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     _add_data_options(p)
     p.set_defaults(func=cmd_evaluate, label_field=None)
 
     p = commands.add_parser("sweep", help="data efficiency: zero-shot top-1 against growing shares of train data")
-    p.add_argument("--data", required=True, help="prepared folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default=DEFAULT_SPEC)
-    p.add_argument("--fractions", default="0.1,0.25,0.5,1")
-    p.add_argument("--objectives", default="caption,label,semantic")
-    _add_train_options(p, objective=False)
+    add_options(p, ReproduceConfig, only=("data", "out", "model", "seed", "objectives", "sweep_fractions"))
+    _add_train_options(p, prefix="train.", exclude=shared_training)
     p.set_defaults(func=cmd_sweep)
 
     p = commands.add_parser("benchmark", help="zero-shot scores of several models on every dataset of a suite")
@@ -544,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     p.set_defaults(func=cmd_benchmark)
 
+    p = commands.add_parser("wise-ft", help="WiSE-FT: interpolate a base and a fine-tuned model's weights, the "
+                            "mixing weight chosen on the validation split")
+    add_options(p, WiseFTConfig)
+    p.set_defaults(func=cmd_wise_ft)
+
     p = commands.add_parser("entities", help="concept coverage of a dataset's captions (knowledge extraction)")
     p.add_argument("data")
     p.add_argument("--vocabulary", help="a concepts YAML replacing the packaged vocabulary")
@@ -553,23 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("reproduce", help="the paper's experiment end to end, with a report")
     p.add_argument("--config", metavar="FILE", help="a recipe (configs/*.yaml); options typed here override it")
-    p.add_argument("--data", help="the dataset (required unless the recipe names it)")
-    p.add_argument("--out", help="output folder (required unless the recipe names it)")
-    p.add_argument("--model", default=DEFAULT_SPEC)
-    p.add_argument("--n", type=int, default=4096)
-    p.add_argument("--objectives", default="caption,label,semantic", help="fine-tuned models to compare with the base")
-    p.add_argument("--caption-epochs", type=int)
-    p.add_argument("--label-epochs", type=int)
-    p.add_argument("--semantic-epochs", type=int)
-    p.add_argument("--semantic-temperatures", default="",
-                   help="extra semantic runs with these target temperatures, compared in the report (e.g. 1: "
-                        "MedCLIP's own; default none)")
-    p.add_argument("--sweep", action="store_true", help="add the data-efficiency sweep (see `clipmed sweep`)")
-    p.add_argument("--fractions", default="0.1,0.25,0.5,1", help="train shares for --sweep")
-    p.add_argument("--suite", metavar="SUITE.yaml", help="also score every model on this benchmark suite and add "
-                   "its table to the report (see `clipmed benchmark`)")
-    _add_data_options(p)
-    _add_train_options(p, objective=False)
+    add_options(p, ReproduceConfig, exclude=SOURCE_OPTIONS)
+    for name in OBJECTIVES:
+        p.add_argument(f"--{name}-epochs", dest=f"epochs.{name}", type=checked(int, min=1), metavar="N",
+                       help=f"epochs of the {name} run (default: --epochs)")
+    _add_data_options(p, prefix="fields.")
+    _add_train_options(p, prefix="train.", exclude=shared_training)
     p.set_defaults(func=cmd_reproduce)
 
     p = commands.add_parser("predict", help="the most probable of some labels for each image")
@@ -617,9 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What each command is doing, for the out-of-memory message.
-_ACTIVITY = {"prepare": "preparing the data", "train": "training", "evaluate": "evaluating", "sweep": "running the sweep",
-             "benchmark": "benchmarking", "reproduce": "running reproduce", "entities": "extracting entities",
-             "predict": "predicting", "embed": "embedding", "index": "indexing", "search": "searching", "export": "exporting"}
+_ACTIVITY = {"prepare": "preparing the data", "train": "training", "wise-ft": "interpolating weights",
+             "evaluate": "evaluating", "sweep": "running the sweep", "benchmark": "benchmarking",
+             "reproduce": "running reproduce", "entities": "extracting entities", "predict": "predicting",
+             "embed": "embedding", "index": "indexing", "search": "searching", "export": "exporting"}
 # Messages of allocation failures that torch raises as a plain RuntimeError (CPU, MPS, older CUDA builds).
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "defaultcpuallocator")
 

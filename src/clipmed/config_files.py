@@ -18,19 +18,16 @@ from typing import Any, TypeVar
 from .errors import ClipmedError
 from .pipeline import ReproduceConfig
 from .schema import build, read_mapping
-from .training.config import TrainConfig
+from .training.config import PER_RUN_FIELDS, TrainConfig
 
 Config = TypeVar("Config")
-
-# reproduce sets these for each run it trains: in a recipe they belong at the top level (or to the command line).
-_SET_PER_RUN = ("data", "out", "model", "objective", "seed")
 
 
 def load_recipe(path: str | os.PathLike) -> ReproduceConfig:
     """The ReproduceConfig a recipe describes (`data`/`out` are None where the recipe leaves them out)."""
     values = read_mapping(path, "recipe", "a recipe is a YAML mapping of option names to values")
     train = values.get("train")
-    misplaced = sorted(set(_SET_PER_RUN) & set(train)) if isinstance(train, dict) else []
+    misplaced = sorted(set(PER_RUN_FIELDS) & set(train)) if isinstance(train, dict) else []
     if misplaced:
         raise ClipmedError(f"{path}: train.{misplaced[0]} is set by reproduce for each run; "
                            f"put `{misplaced[0]}` at the top level of the recipe (or give it on the command line)")

@@ -28,8 +28,9 @@ from .data.sources import LoadedSource
 from .data.store import StoreOptions
 from .errors import ClipmedError, first_line
 from .evaluation.embed import embed_images, embed_texts
-from .evaluation.zeroshot import DEFAULT_TEMPLATE, class_embeddings, zero_shot_scores
+from .evaluation.zeroshot import class_embeddings, zero_shot_scores
 from .io import atomic_write, read_json, sha256_file, write_json_atomic
+from .knowledge.prompts import DEFAULT_TEMPLATE
 from .locking import FileLock
 from .models import ClipModel
 from .models.base import model_fingerprint
@@ -60,9 +61,12 @@ class Prediction:
     probabilities: list[float]
 
 
-def label_probabilities(image_embeddings: torch.Tensor, class_weights: torch.Tensor, scale: float) -> torch.Tensor:
-    """[N, C] softmax over the labels of scale * cosine similarity: CLIP's zero-shot probabilities."""
-    return torch.softmax(scale * zero_shot_scores(image_embeddings, class_weights), dim=-1)
+def label_probabilities(image_embeddings: torch.Tensor, class_weights: torch.Tensor, scale: float,
+                        bias: float | None = None) -> torch.Tensor:
+    """[N, C] zero-shot probabilities: CLIP's softmax over the labels of scale * cosine similarity or, for a model
+    trained with SigLIP's loss (it has a `bias`), each label's own sigmoid(scale * cosine + bias)."""
+    logits = scale * zero_shot_scores(image_embeddings, class_weights)
+    return torch.softmax(logits, dim=-1) if bias is None else torch.sigmoid(logits + bias)
 
 
 def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str], *,
@@ -81,7 +85,8 @@ def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str],
         raise ClipmedError(f"--top-k must be at least 1, not {top_k}")
     images = embed_images(model, [image_record(p) for p in image_paths], precision=precision, store=None)
     weights = class_embeddings(model, labels, list(templates), precision=precision)
-    top = label_probabilities(images, weights, model.scale().item()).topk(min(top_k, len(labels)), dim=-1)
+    bias = None if model.logit_bias is None else model.logit_bias.item()
+    top = label_probabilities(images, weights, model.scale().item(), bias).topk(min(top_k, len(labels)), dim=-1)
     return [Prediction(path, [labels[i] for i in index.tolist()], values.tolist())
             for path, values, index in zip(image_paths, top.values, top.indices)]
 

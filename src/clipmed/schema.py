@@ -15,6 +15,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ClipmedError
+from .options import own_first
 
 Config = TypeVar("Config")
 
@@ -45,7 +46,7 @@ def build(cls: type[Config], values: dict, path: str, prefix: str = "", *, missi
     and `out` to the command line). Nested dataclasses (also as list items) are built the same way.
     """
     hints = get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
+    known = [f.name for f in own_first(cls)]
     checked = {}
     for key, value in values.items():
         where = f"{prefix}{key}"

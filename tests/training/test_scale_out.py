@@ -20,8 +20,9 @@ from clipmed.data.split import load_prepared
 from clipmed.data.store import open_store
 from clipmed.training.config import TrainConfig
 from clipmed.training.distributed import World
-from clipmed.training.step import StepRunner, make_batch
-from clipmed.training.train import _image_batches, build_loss, train, training_rows
+from clipmed.objectives import get_objective
+from clipmed.training.step import StepRunner
+from clipmed.training.train import _image_batches, train, training_rows
 from helpers import REPO, tiny_dual
 
 
@@ -38,8 +39,10 @@ def _gradients(objective: str, prepared_dir, *, accum_steps: int = 1, world: Wor
     store = open_store(paths, model.preprocess.size, model.preprocess.interpolation)
     pixels = next(_image_batches(store, store.lookup(paths)[0], config, world, steps_per_epoch=1, start=0, stop=1))
     assert len(pixels) == 12 // world.size  # its own share only
-    runner = StepRunner(model, build_loss(config), config, world)
-    batch = make_batch(rows, epoch_order(len(rows.records), config.seed, 0)[:12], config)
+    objective = get_objective(objective)
+    objective.prepare_model(model, config)
+    runner = StepRunner(model, objective.loss(config, model), config, world)
+    batch = objective.batch(rows, epoch_order(len(rows.records), config.seed, 0)[:12], config)
     loss = runner(dataclasses.replace(batch, pixels=pixels))
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -52,7 +55,7 @@ def _assert_same(reference, other):
         assert (grads_a[name] - grads_b[name]).norm() <= 1e-4 * grads_a[name].norm() + 1e-7, name
 
 
-@pytest.mark.parametrize("objective", ["caption", "label"])
+@pytest.mark.parametrize("objective", ["caption", "label", "siglip"])
 def test_accumulation_gives_the_full_batch_loss_and_gradients(objective, prepared_synthetic):
     _assert_same(_gradients(objective, prepared_synthetic), _gradients(objective, prepared_synthetic, accum_steps=4))
 
@@ -74,7 +77,8 @@ def _worker(rank: int, size: int, port: int, objective: str, prepared_dir: str, 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("objective, local_loss", [("caption", False), ("label", False), ("caption", True)])
+@pytest.mark.parametrize("objective, local_loss", [("caption", False), ("label", False), ("caption", True),
+                                                   ("siglip", False)])
 def test_two_gloo_processes_give_the_single_process_loss_and_gradients(objective, local_loss, prepared_synthetic,
                                                                       tmp_path):
     """Also with the local loss: each process computes only its own rows' terms, yet the averaged gradients

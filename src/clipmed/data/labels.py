@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from clipmed.data.records import Record
 from clipmed.errors import ClipmedError
 
 DEFAULT_MIN_CLASS_COUNT = 20
@@ -101,3 +102,20 @@ def clean_labels(raw: Sequence[str | None], *, classes: Sequence[str] | None = N
                                  f"label {value!r} has {totals[label]} usable rows, under --min-class-count "
                                  f"{min_class_count}")
     return LabelSet(class_list, labels, dict(sorted(merged.items())), dropped)
+
+
+def relabel(records: Sequence[Record], rows: Sequence[Record], field: str, *, classes: Sequence[str] | None = None,
+            min_class_count: int = DEFAULT_MIN_CLASS_COUNT) -> tuple[list[Record], list[str]]:
+    """`records` labeled by another field of the source (e.g. modality on data prepared for body_part): the
+    classes are those of that field over `rows` (the prepared rows; or `classes`), and only the records whose
+    value is one of them are kept."""
+    values = [None if r.extra.get(field) is None else str(r.extra[field]) for r in rows]
+    if all(value is None for value in values):
+        raise ClipmedError(f"no prepared row has a {field!r} field: name a field of the source with --label-field")
+    chosen = clean_labels(values, classes=classes, min_class_count=min_class_count).classes
+    if len(chosen) < 2:
+        raise ClipmedError(f"field {field!r} has {len(chosen)} class(es) with at least {min_class_count} rows: lower "
+                           "--min-class-count or pass --classes")
+    cleaned = clean_labels([None if r.extra.get(field) is None else str(r.extra[field]) for r in records],
+                           classes=chosen)
+    return [replace(r, label=label) for r, label in zip(records, cleaned.labels) if label is not None], chosen

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..options import option
+
 
 @dataclass(frozen=True)
 class FieldMap:
     """Which source field holds what. The same option names on every command (--caption-field, ...)."""
 
-    caption_field: str = "caption"
-    label_field: str | None = "body_part"
-    image_field: str = "file_name"
-    group_field: str | None = None
-    id_field: str = "id"
+    caption_field: str = option("caption", "source field of the captions")
+    label_field: str | None = option("body_part", "source field of the class labels")
+    image_field: str = option("file_name", "source field of the image paths")
+    group_field: str | None = option(None, "rows sharing this value never straddle splits (roco: article)")
+    id_field: str = option("id", "source field of the row ids")
 
 
 @dataclass(frozen=True)

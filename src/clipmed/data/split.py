@@ -365,10 +365,14 @@ def _fill(units: list[_Unit], taken: set[int], targets: dict[str, int],
 
 # --- prepare ------------------------------------------------------------------------------------
 
+# Labeled rows `prepare` samples by default: the paper's 4,096 PubMedVision rows.
+DEFAULT_N = 4096
+
+
 def prepare(source_path: str, out_dir: str | os.PathLike, *, fmt: str | None = None,
             fields: FieldMap = _DEFAULT_FIELDS, image_root: str | None = None,
             classes: Sequence[str] | None = None, min_class_count: int = DEFAULT_MIN_CLASS_COUNT,
-            n: int = 4096, seed: int = 0, strict: bool = False, check_images: bool = True,
+            n: int = DEFAULT_N, seed: int = 0, strict: bool = False, check_images: bool = True,
             streaming: bool = False, allow_outside_paths: bool = False, case_sensitive_labels: bool = False,
             workers: int | None = None, progress: bool = True) -> dict:
     """Validate and split a dataset; write ``ids.parquet``, ``rejected.jsonl`` and ``split.json`` in `out_dir`.

@@ -10,19 +10,23 @@ import numpy as np
 import torch
 
 from ..data.datasets import readable_records
+from ..data.labels import DEFAULT_MIN_CLASS_COUNT, relabel
 from ..data.records import Record
+from ..data.split import PreparedData
+from ..knowledge.prompts import DEFAULT_TEMPLATE
 from ..models.base import ClipModel
+from ..options import option
 from .embed import embed_images, embed_texts
 from .metrics import classification_metrics, retrieval_metrics
 from .probe import linear_probe
-from .zeroshot import DEFAULT_TEMPLATE, class_embeddings, zero_shot_scores
+from .zeroshot import class_embeddings, zero_shot_scores
 
 
 @dataclass
 class EvalConfig:
-    template: str = DEFAULT_TEMPLATE
+    template: str = option(DEFAULT_TEMPLATE, "the single zero-shot prompt ({label} is the class name)")
     batch_size: int = 64
-    precision: str = "bf16"
+    precision: str = option("bf16", "autocast precision of the forward pass", choices=("bf16", "fp32"))
     n_boot: int = 1000
     seed: int = 0
     probe_shots: tuple[int, ...] = (1, 4, 16)
@@ -50,6 +54,20 @@ def _readable(model: ClipModel, records: Sequence[Record]) -> tuple[list[Record]
     """Records whose image still decodes, and {id: reason} of the others (skipped and reported, not fatal)."""
     keep, skipped = readable_records(records, model.preprocess.size, model.preprocess.interpolation)
     return [records[i] for i in keep], skipped
+
+
+def labeled_split(prepared: PreparedData, split: str, label_field: str, *, classes: Sequence[str] | None = None,
+                  min_class_count: int = DEFAULT_MIN_CLASS_COUNT) -> tuple[list[Record], list[str], list[Record]]:
+    """(records of `split`, classes, train records) labeled by `label_field`: the prepared labels and classes
+    for the field the data was prepared for; for another field of the source, the rows of `split` that have a
+    class of it, its classes being the values with >= `min_class_count` prepared rows (or `classes`)."""
+    if label_field == prepared.manifest["fields"]["label_field"]:
+        return prepared.records(split), prepared.classes, prepared.records("train")
+    rows = prepared.records("pool") + prepared.records("val") + prepared.records("test")
+    records, chosen = relabel(prepared.records(split), rows, label_field, classes=classes,
+                              min_class_count=min_class_count)
+    train, _ = relabel(prepared.records("train"), rows, label_field, classes=chosen)
+    return records, chosen, train
 
 
 def zero_shot_metrics(model: ClipModel, image_embeddings: torch.Tensor, labels: np.ndarray, classes: Sequence[str],

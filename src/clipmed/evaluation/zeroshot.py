@@ -10,8 +10,6 @@ from torch.nn import functional as F
 from ..models.base import ClipModel
 from .embed import embed_texts
 
-DEFAULT_TEMPLATE = "A medical image of {label}"
-
 
 def prompts_for(classes: Sequence[str], template: str) -> list[str]:
     return [template.format(label=name) for name in classes]

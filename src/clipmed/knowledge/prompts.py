@@ -17,6 +17,9 @@ import yaml
 from clipmed.errors import ClipmedError
 from clipmed.schema import read_mapping
 
+# The papers' single prompt: training (label objective), zero-shot evaluation and `clipmed predict` default to it.
+DEFAULT_TEMPLATE = "A medical image of {label}"
+
 
 def load_templates(label_field: str, path: str | Path | None = None) -> list[str]:
     """Templates (each with one ``{label}`` placeholder) for a label field, falling back to ``default``."""

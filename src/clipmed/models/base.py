@@ -98,6 +98,17 @@ class ClipModel(nn.Module):
     preprocess: ImagePreprocess
     logit_scale: nn.Parameter  # log of the inverse temperature, as CLIP
 
+    def __init__(self) -> None:
+        super().__init__()
+        # SigLIP's learnable bias (objectives/siglip.py), saved with the model; None for softmax-trained models.
+        self.register_parameter("logit_bias", None)
+
+    def add_logit_bias(self, bias: float, log_scale: float) -> None:
+        """Give the model SigLIP's learnable bias and set its temperature to exp(log_scale)."""
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias), device=self.logit_scale.device))
+        with torch.no_grad():
+            self.logit_scale.fill_(log_scale)
+
     # Each side is tower features, then a head. A locked tower's features can be computed once and cached
     # (LiT); the head (projection) may still train.
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -182,6 +193,10 @@ class ClipModel(nn.Module):
         """{"image": module, "text": module}: the encoders, for locking."""
         raise NotImplementedError
 
+    def lora_targets(self) -> dict[str, list[str]]:
+        """{tower: names (suffixes) of the modules LoRA adapts by default}; see models/lora.py."""
+        raise ClipmedError(f"no default LoRA layers for {self.family} models: name them with --lora-targets")
+
     def describe(self) -> dict:
         """JSON-able summary written into run.json."""
         return {"family": self.family, "preprocess": self.preprocess.to_dict(), "context_length": self.context_length}
@@ -205,7 +220,9 @@ class ClipModel(nn.Module):
 
     def parameter_info(self) -> Iterator[ParamInfo]:
         for name, param in self.named_parameters():
-            tower, origin = self._tower_and_origin(name)
+            tower, origin = ("head", "new") if name == "logit_bias" else self._tower_and_origin(name)
+            if ".lora_" in name:  # a LoRA adapter (models/lora.py) is fresh whatever its layer was
+                origin = "new"
             no_decay = param.ndim < 2 or name.endswith("logit_scale")
             yield ParamInfo(name, param, tower, origin, no_decay)
 

@@ -47,6 +47,8 @@ class DualConfig:
     context_length: int = 128
     projection_dim: int = 512
     init_temperature: float = 0.07
+    # SigLIP's bias, for a model trained with the sigmoid loss (the weights file holds its value).
+    logit_bias: float | None = None
     # Whether the towers hold pretrained (not random) weights: decides their learning rate. A saved fine-tuned
     # model keeps the value of the model it started from.
     towers_pretrained: bool = False
@@ -176,6 +178,8 @@ class DualEncoderCLIP(ClipModel):
         self.image_projection = nn.Linear(image_dim, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(text_dim, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        if config.logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias))
         # TF EfficientNet-Lite inputs are (x - 127) / 128.
         self.preprocess = ImagePreprocess(size=config.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self._checkpointing = False
@@ -240,6 +244,10 @@ class DualEncoderCLIP(ClipModel):
     def towers(self) -> dict[str, nn.Module]:
         return {"image": self.image_tower, "text": self.text_tower}
 
+    def lora_targets(self) -> dict[str, list[str]]:
+        # Every linear layer of MiniLM; the small convolutional image tower trains fully (see models/lora.py).
+        return {"image": [], "text": ["query", "key", "value", "dense"]}
+
     def describe(self) -> dict:
         return {**super().describe(), "image_tower": self.config.image_tower, "text_tower": self.config.text_tower,
                 "projection_dim": self.config.projection_dim}
@@ -249,7 +257,8 @@ class DualEncoderCLIP(ClipModel):
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        write_json_atomic(directory / CONFIG_NAME, {"family": self.family, **asdict(self.config)})
+        bias = None if self.logit_bias is None else self.logit_bias.item()
+        write_json_atomic(directory / CONFIG_NAME, {"family": self.family, **asdict(self.config), "logit_bias": bias})
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
 
     @classmethod

@@ -103,6 +103,10 @@ class HFCLIP(ClipModel):
     def towers(self) -> dict[str, torch.nn.Module]:
         return {"image": self.model.vision_model, "text": self.model.text_model}
 
+    def lora_targets(self) -> dict[str, list[str]]:
+        layers = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # every linear layer of both towers
+        return {"image": layers, "text": list(layers)}
+
     def describe(self) -> dict:
         return {**super().describe(), "source": self.source}
 
@@ -112,7 +116,8 @@ class HFCLIP(ClipModel):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(directory))
         self.processor.save_pretrained(str(directory))
-        write_json_atomic(directory / MARKER, {"family": self.family, "source": self.source})
+        bias = None if self.logit_bias is None else self.logit_bias.item()
+        write_json_atomic(directory / MARKER, {"family": self.family, "source": self.source, "logit_bias": bias})
 
     @classmethod
     def load(cls, source: str, *, trust_remote_code: bool = False) -> "HFCLIP":
@@ -159,10 +164,21 @@ class HFCLIP(ClipModel):
             raise ClipmedError(f"cannot open hf:{source} as a transformers CLIPModel with its processor "
                                f"({where}): {first_line(exc)}") from exc
         try:
-            return cls(model, processor, source=source)
+            loaded = cls(model, processor, source=source)
         except AttributeError as exc:
             raise ClipmedError(f"hf:{source} is not a CLIP-style model with an image and a text tower "
                                f"({first_line(exc)})") from exc
+        bias = _saved_bias(folder)
+        if bias is not None:  # trained with SigLIP's loss by clipmed: the bias is kept in clipmed's marker
+            loaded.logit_bias = torch.nn.Parameter(torch.tensor(bias))
+        return loaded
+
+
+def _saved_bias(folder: Path | None) -> float | None:
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("logit_bias") if folder else None
+    except (OSError, ValueError):
+        return None
 
 
 def _check_folder_shapes(folder: Path) -> None:

@@ -59,12 +59,21 @@ class OpenCLIP(ClipModel):
         # listed once under `model.`.
         text = getattr(model, "text", None)
         object.__setattr__(self, "_text_tower", text if text is not None else _TopLevelTextTower(model))
+        if getattr(model, "logit_bias", None) is not None:  # open_clip's SigLIP models keep their bias in the model
+            self.logit_bias = model.logit_bias
         self._sdpa_backends: list[SDPBackend] | None = None  # torch's choice until select_attention
         self._grad_checkpointing = False
 
     @property
     def logit_scale(self) -> nn.Parameter:  # type: ignore[override]
         return self.model.logit_scale
+
+    def add_logit_bias(self, bias: float, log_scale: float) -> None:
+        """In open_clip's own place (`CLIP.logit_bias`, `init_logit_bias` in its config), so open_clip reloads it."""
+        super().add_logit_bias(bias, log_scale)
+        vars(self.model).pop("logit_bias", None)  # open_clip's plain `None` attribute of a softmax model
+        self.model.logit_bias = self.logit_bias
+        self.model_cfg["init_logit_bias"] = bias
 
     # ---- encoders --------------------------------------------------------------------------------------
 

@@ -54,6 +54,8 @@ def render_report(metrics: dict, context: dict) -> str:
     lines = ["# clipmed report", ""]
     lines += _data_section(context)
     lines += _table1(models, context.get("notes", {}))
+    lines += _other_label_fields(models, metrics.get("other_label_fields", {}), context.get("label_field"))
+    lines += _training(metrics.get("training", {}))
     lines += _per_class(models, PER_CLASS_PNG in figures)
     lines += _ensemble(models)
     lines += _probe(models)
@@ -124,6 +126,33 @@ def _table1(models: dict, notes: dict) -> list[str]:
     lines += _table(["Model", "Top-1 % [95% CI]", "Top-3 % [95% CI]", "Macro-F1 % [95% CI]", "Balanced acc. %"], rows)
     lines += [f"- **{_cell(name)}**: {note}" for name, note in notes.items()]
     return lines + ([""] if notes else [])
+
+
+def _other_label_fields(models: dict, other: dict, label_field: str | None) -> list[str]:
+    """Zero-shot top-1 of every model on the other label fields of the test rows (what fine-tuning forgets)."""
+    fields = sorted({field for results in other.values() for field in results})
+    if not fields:
+        return []
+    sizes = {field: next(r[field] for r in other.values() if field in r) for field in fields}
+    header = ["Model", f"{_cell(label_field or 'label')} top-1 % [95% CI]"] + [
+        f"{_cell(field)} top-1 % [95% CI] (n={sizes[field]['n']}, {len(sizes[field]['classes'])} classes, "
+        f"majority {_pct(sizes[field]['majority_rate'])}%)" for field in fields]
+    rows = [[_cell(name), _pct_ci(m["top1"], m["ci95"]["top1"])]
+            + [_pct_ci(other[name][f]["top1"], other[name][f]["ci95"]["top1"]) if f in other.get(name, {}) else "—"
+               for f in fields] for name, m in models.items()]
+    note = ("The same models scored zero-shot on other label fields of the test rows (the rows that have one): a "
+            "fine-tuned model that falls towards the majority rate there has forgotten what it was not trained on.")
+    return ["## Other label fields (forgetting)", "", note, ""] + _table(header, rows)
+
+
+def _training(runs: dict) -> list[str]:
+    """Trainable parameters and training time of every fine-tuned model (WiSE-FT: its chosen mixing weight)."""
+    if not runs:
+        return []
+    rows = [[_cell(name), "—" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
+             "—" if r["seconds"] is None else _duration(r["seconds"]),
+             "" if r.get("wise_ft_alpha") is None else f"a = {r['wise_ft_alpha']:g}"] for name, r in runs.items()]
+    return ["## Training", ""] + _table(["Model", "Trainable parameters", "Training time", "WiSE-FT"], rows)
 
 
 def _per_class(models: dict, with_figure: bool) -> list[str]:

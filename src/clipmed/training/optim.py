@@ -18,6 +18,7 @@ def build_optimizer(model: ClipModel, config: TrainConfig) -> tuple[torch.optim.
     for info in model.parameter_info():
         if locked[info.tower]:
             info.param.requires_grad_(False)
+        if not info.param.requires_grad:  # locked, or a tower weight under LoRA adapters
             continue
         groups.setdefault((info.origin, info.no_decay), []).append(info.param)
     param_groups, described = [], []

@@ -1,10 +1,9 @@
-"""One optimisation step's forward and backward: batch assembly per objective, encoding (with locked-tower
-caches and data-parallel shards), and the loss, either in one pass or with gradient caching (GradCache) so
-that accumulated micro-batches still see every negative of the effective batch."""
+"""One optimisation step's forward and backward: encoding a batch (with locked-tower caches and data-parallel
+shards), and the loss, either in one pass or with gradient caching (GradCache) so that accumulated
+micro-batches still see every negative of the effective batch. The objective made the batch and the loss."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -14,45 +13,11 @@ from ..data.records import Record
 from ..machine import Choices, resolve
 from ..machine import facts as machine_facts
 from ..models.base import ClipModel
+from ..objectives import Batch
 from ..precision import autocast
 from .config import TrainConfig
 from .distributed import World
 from .features import LockedFeatures
-
-
-@dataclass
-class Batch:
-    """What one step encodes and what its loss needs beside the embeddings.
-
-    texts_sharded is False when every rank encodes all texts (the few distinct prompts of a label batch).
-    pixels: uint8 pixels of this rank's share of `images` (the trainer's loader fills them; None when a locked
-    image tower's cached features stand in for them).
-    """
-
-    images: list[Record]
-    texts: list[str]
-    loss_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    texts_sharded: bool = True
-    pixels: torch.Tensor | None = None
-
-
-def make_batch(rows, index: torch.Tensor, config: TrainConfig) -> Batch:
-    """The objective's view of rows `index` of a TrainingRows."""
-    picked = index.tolist()
-    if config.objective == "label":
-        # A batch holds few distinct prompts: encode each once (the loss indexes them per image).
-        distinct, prompt_index = rows.labels[index].unique(return_inverse=True)
-        prompts = [config.label_template.format(label=rows.classes[c]) for c in distinct.tolist()]
-        return Batch([rows.records[i] for i in picked], prompts, {"prompt_index": prompt_index}, texts_sharded=False)
-    if config.objective == "semantic":
-        # Decoupled batch: the images of pair and image-only rows against the texts of pair and text-only rows.
-        with_image = [i for i in picked if rows.has_image[i]]
-        with_text = [i for i in picked if rows.texts[i] is not None]
-        column = {row: position for position, row in enumerate(with_text)}
-        return Batch([rows.records[i] for i in with_image], [rows.texts[i] for i in with_text],
-                     {"image_concepts": rows.concepts[with_image], "text_concepts": rows.concepts[with_text],
-                      "pair_index": torch.tensor([column.get(i, -1) for i in with_image])})
-    return Batch([rows.records[i] for i in picked], [rows.texts[i] for i in picked])
 
 
 class StepRunner:
@@ -70,7 +35,8 @@ class StepRunner:
         model.select_attention(self.choices.attention)
         model.set_speed(channels_last=self.choices.memory_format == "channels_last",
                         fuse_conv_bn=self.choices.fuse_conv_bn)
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        # All of them: which ones train can change between epochs (LP-FT); those without a gradient are skipped.
+        self.parameters = list(model.parameters())
 
     # ---- encoders -----------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import platform
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -29,62 +29,25 @@ from ..devices import check_device
 from ..errors import ClipmedError
 from ..evaluation.benchmark import (BenchmarkConfig, DatasetData, evaluate_model, headline, load_suite, read_suite,
                                     summarize)
-from ..evaluation.embed import embed_images, embed_texts
-from ..evaluation.metrics import retrieval_metrics
-from ..evaluation.zeroshot import class_embeddings, zero_shot_scores
 from ..io import read_json, write_json_atomic
 from ..locking import FileLock
 from ..machine import Choices, apply_threads, facts, resolve
 from ..models import ClipModel, load_model
-from ..objectives import OBJECTIVES, ContrastiveLoss, LabelLoss, SemanticMatchingLoss
+from ..models.lora import add_lora, merged
+from ..objectives import OBJECTIVES, TrainingRows, get_objective
 from .checkpoint import clean_stale_temporaries, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import World, init_world
 from .features import LockedFeatures
 from .logging import RunLogger
 from .optim import build_optimizer, load_optimizer_state, warmup_cosine
-from .step import StepRunner, make_batch
-
-
-
-@dataclass
-class TrainingRows:
-    """What one objective trains on, row by row.
-
-    texts: the text of each row (caption or label prompt), None for an image-only row; has_image: False for a
-    text-only row (its image was rejected by prepare); labels: class indices (label objective); concepts:
-    concept vectors (semantic objective).
-    """
-
-    records: list[Record]
-    texts: list[str | None]
-    has_image: list[bool]
-    classes: list[str]
-    labels: torch.Tensor | None = None
-    concepts: torch.Tensor | None = None
-
-    def subset(self, keep: list[int]) -> "TrainingRows":
-        pick = lambda values: [values[i] for i in keep]  # noqa: E731
-        return TrainingRows(pick(self.records), pick(self.texts), pick(self.has_image), self.classes,
-                            self.labels[keep] if self.labels is not None else None,
-                            self.concepts[keep] if self.concepts is not None else None)
+from .step import StepRunner
+from .validation import validation_scores
 
 
 def training_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
-    """Caption-style objectives train on the caption pool; the label objective on the balanced train split;
-    the semantic objective on the pool plus text-only and image-only rows (MedCLIP's decoupled batches)."""
-    if config.objective == "label":
-        records = prepared.records("train")
-        rows = TrainingRows(records, [config.label_template.format(label=r.label) for r in records],
-                            [True] * len(records), prepared.classes,
-                            labels=torch.tensor([prepared.classes.index(r.label) for r in records]))
-    elif config.objective == "caption":
-        records = prepared.records("pool")
-        rows = TrainingRows(records, [r.caption for r in records], [True] * len(records), prepared.classes)
-    elif config.objective == "semantic":
-        rows = _semantic_rows(prepared, config)
-    else:
-        raise ClipmedError(f"unknown objective {config.objective!r}: use one of {', '.join(OBJECTIVES)}")
+    """The rows the objective trains on (all of them, or a seed-determined share: `config.fraction`)."""
+    rows = get_objective(config.objective).rows(prepared, config)
     if config.fraction < 1.0:
         # A fixed, seed-determined subset so that growing fractions nest (data-efficiency sweeps).
         order = torch.randperm(len(rows.records), generator=torch.Generator().manual_seed(config.seed))
@@ -92,48 +55,8 @@ def training_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
     return rows
 
 
-def _semantic_rows(prepared: PreparedData, config: TrainConfig) -> TrainingRows:
-    from ..knowledge import ConceptExtractor, Vocabulary
-
-    pairs, text_only, image_only = prepared.records("pool"), prepared.text_only_records(), prepared.image_only_records()
-    records = pairs + text_only + image_only
-    vocabulary = Vocabulary.load(config.vocabulary) if config.vocabulary else Vocabulary.default()
-    extractor = ConceptExtractor(vocabulary)
-    concepts = extractor.entity_matrix([r.caption for r in pairs + text_only], [r.label for r in pairs + text_only],
-                                       source=config.entities_from)
-    # An image-only row has no caption: its concepts come from its label, whatever --entities-from says.
-    label_concepts = extractor.entity_matrix([None] * len(image_only), [r.label for r in image_only], source="labels")
-    return TrainingRows(records, [r.caption for r in pairs + text_only] + [None] * len(image_only),
-                        [True] * len(pairs) + [False] * len(text_only) + [True] * len(image_only), prepared.classes,
-                        concepts=torch.from_numpy(numpy.concatenate([concepts, label_concepts])))
-
-
 # Bootstrap resamples of the suite scored at each validation (the log holds point estimates).
 SUITE_N_BOOT = 200
-
-
-def build_loss(config: TrainConfig) -> torch.nn.Module:
-    if config.objective == "label":
-        return LabelLoss(config.label_targets)
-    if config.objective == "semantic":
-        return SemanticMatchingLoss(config.semantic_temperature)
-    return ContrastiveLoss()
-
-
-def validation_score(model: ClipModel, val: list[Record], classes: list[str], config: TrainConfig,
-                     choices: Choices) -> tuple[str, float]:
-    """Checkpoint selection without labels for label-free objectives (caption retrieval on val);
-    zero-shot top-1 on val for the label objective. Each tower runs in the precision it trains in."""
-    images = embed_images(model, val, batch_size=config.eval_batch_size, precision=choices.image_precision,
-                          store=config.store_options(), loader_workers=config.loader_workers)
-    if config.objective == "label":
-        weights = class_embeddings(model, classes, [config.label_template], precision=choices.text_precision)
-        predictions = zero_shot_scores(images, weights).argmax(dim=1)
-        truth = torch.tensor([classes.index(r.label) for r in val])
-        return "val_zero_shot_top1", float((predictions == truth).float().mean())
-    texts = embed_texts(model, [r.caption for r in val], precision=choices.text_precision)
-    retrieval = retrieval_metrics(images.numpy(), texts.numpy(), ks=(1,), n_boot=1)
-    return "val_mean_recall_at_1", float(retrieval["mean_recall_at_1"])
 
 
 def suite_validation(model: ClipModel, suite: list[DatasetData], run: Path, step: int,
@@ -158,11 +81,12 @@ def suite_validation(model: ClipModel, suite: list[DatasetData], run: Path, step
 
 
 def save_model_atomically(model: ClipModel, run: Path) -> None:
-    """Write model/ beside the old one, then swap: a crash leaves one complete model folder."""
+    """Write model/ beside the old one, then swap: a crash leaves one complete model folder. LoRA adapters are
+    merged into the saved weights, so model/ is a plain model of its family."""
     staging, old = run / ".model.tmp", run / ".model.old"
     for stale in (staging, old):
         shutil.rmtree(stale, ignore_errors=True)
-    model.save(staging)
+    merged(model).save(staging)
     if (run / "model").exists():
         (run / "model").rename(old)
     staging.rename(run / "model")
@@ -250,8 +174,10 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         raise ClipmedError("--accum-steps with several processes is not supported: use one or the other")
     if config.select_by_suite and not config.suite:
         raise ClipmedError("--select-by-suite needs --suite SUITE.yaml")
-    if config.local_loss and config.objective != "caption":
-        raise ClipmedError(f"--local-loss applies to the caption objective (CLIP's loss), not {config.objective!r}: "
+    objective = get_objective(config.objective)
+    if config.local_loss and not objective.local_loss:
+        local = ", ".join(name for name, o in OBJECTIVES.items() if o.local_loss)
+        raise ClipmedError(f"--local-loss applies to the {local} objective (CLIP's loss), not {config.objective!r}: "
                            "drop --local-loss")
     if world.distributed and config.batch_size % world.size:
         raise ClipmedError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes")
@@ -263,7 +189,11 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
     if len(rows.records) < max(2, config.batch_size):
         raise ClipmedError(f"only {len(rows.records)} training rows for objective {config.objective!r} "
                            f"(batch size {config.batch_size}): lower --batch-size or prepare more data")
-    model = load_model(config.model).to(device)
+    model = load_model(config.init or config.model).to(device)
+    objective.prepare_model(model, config)
+    locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
+    lora = (add_lora(model, config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
+                     towers=[name for name in model.towers() if name not in locked]) if config.lora_rank else None)
     # Speed choices: decided for this machine and model once, then reused by every resume of the run.
     recorded = saved.get("machine") if resume else None
     machine = facts(device)
@@ -282,9 +212,11 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
                                                             progress)
     suite = read_suite(load_suite(config.suite)) if config.suite and world.is_main else None
     optimizer, groups = build_optimizer(model, config)  # also freezes locked towers (requires_grad False)
+    # LP-FT's first phase leaves these out (no gradient: AdamW skips them, weight decay included).
+    tower_weights = [p for tower in model.towers().values() for p in tower.parameters() if p.requires_grad]
     runner = _step_runner(model, config, world, rows, prepared, choices)
     steps_per_epoch = len(rows.records) // config.batch_size  # drop_last: a tiny final batch has no negatives
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = steps_per_epoch * (config.lp_epochs + config.epochs)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     scheduler = warmup_cosine(optimizer, total_steps, round(config.warmup_fraction * total_steps))
@@ -297,9 +229,11 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, best, best_epoch, score_name = state["step"], state["best"], state["best_epoch"], state["score_name"]
+    trainable = {"trainable_parameters": sum(g["n_params"] for g in groups),
+                 "total_parameters": sum(p.numel() for p in model.parameters()), "lora_targets": lora}
     if world.is_main:
         _write_run_json(run, config, prepared, model, groups, rows, world, status="running",
-                        extra={"unreadable_images": unreadable, "machine": machine_record})
+                        extra={"unreadable_images": unreadable, "machine": machine_record, **trainable})
     # Rank 0 alone logs; a resumed run drops what the interrupted one logged after its checkpoint.
     logger = (RunLogger(run, start_step=step, report_to=config.report_to, config=asdict(config))
               if world.is_main else None)
@@ -319,7 +253,11 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         """Rank 0 scores val; model/ is saved whenever the score improves (the first validation always does)."""
         nonlocal best, best_epoch, score_name
         if world.is_main:
-            score_name, score = validation_score(model, val, prepared.classes, config, choices)
+            ((score_name, score),) = validation_scores(
+                model, val, prepared.classes, [objective.selection], template=config.label_template,
+                image_precision=choices.image_precision, text_precision=choices.text_precision,
+                batch_size=config.eval_batch_size, store=config.store_options(),
+                loader_workers=config.loader_workers).items()
             logger.validation(step, score_name, score)
             if suite is not None:
                 for name, value in suite_validation(model, suite, run, step, config).items():
@@ -333,7 +271,6 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         world.barrier()
 
     started = time.time()
-    locked = tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text)) if lock)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", disable=None if progress else True)
     # Locked image features stand in for pixels: then nothing is read from the store while training.
     images = (None if runner.locked_images is not None else
@@ -343,14 +280,18 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
         order = epoch_order(len(rows.records), config.seed, epoch)
-        model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm, locked=locked)
+        probing = epoch < config.lp_epochs  # LP-FT: the linear probe phase trains the heads only
+        for weight in tower_weights:
+            weight.requires_grad_(not probing)
+        model.set_train_mode(freeze_batchnorm=config.freeze_batchnorm,
+                             locked=tuple(model.towers()) if probing else locked)
         for batch in range(first_batch, steps_per_epoch):
             tick = time.time()
             pixels = next(images) if images is not None else None
             waited = time.time() - tick
             optimizer.zero_grad(set_to_none=True)
             index = order[batch * config.batch_size:(batch + 1) * config.batch_size]
-            loss = runner(dataclasses.replace(make_batch(rows, index, config), pixels=pixels))
+            loss = runner(dataclasses.replace(objective.batch(rows, index, config), pixels=pixels))
             optimizer.step()
             scheduler.step()
             step += 1
@@ -379,7 +320,7 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         _write_run_json(run, config, prepared, model, groups, rows, world, status="done",
                         extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step,
                                "seconds": round(time.time() - started, 1), "unreadable_images": unreadable,
-                               "machine": machine_record})
+                               "machine": machine_record, **trainable})
     return run
 
 
@@ -404,13 +345,13 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
     locked_images = locked_texts = None
     if config.lock_image and config.feature_cache:
         locked_images = features("image", [r for r, ok in zip(rows.records, rows.has_image) if ok])
+    objective = get_objective(config.objective)
     if config.lock_text and config.feature_cache:
-        locked_texts = features("text", [config.label_template.format(label=c) for c in rows.classes]
-                                if config.objective == "label" else [t for t in rows.texts if t is not None])
+        locked_texts = features("text", objective.fixed_texts(rows, config))
     if choices.compile:
         model.compile_towers(tuple(name for name, lock in (("image", config.lock_image), ("text", config.lock_text))
                                    if not lock))
-    return StepRunner(model, build_loss(config), config, world, locked_images, locked_texts, choices)
+    return StepRunner(model, objective.loss(config, model), config, world, locked_images, locked_texts, choices)
 
 
 def _write_run_json(run: Path, config: TrainConfig, prepared: PreparedData, model: ClipModel, groups: list[dict],
