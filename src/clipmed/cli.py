@@ -94,6 +94,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training.config import TrainConfig
     from .training.train import train
 
+    if args.resume == "":
+        raise ClipmedError("--resume needs the run folder to continue")
     if args.resume or args.out:
         check_output(args.resume or args.out, folder=True, flag="--resume" if args.resume else "--out")
     if args.resume:
@@ -187,6 +189,9 @@ def cmd_wise_ft(args: argparse.Namespace) -> None:
     missing = [flag for flag in ("base", "finetuned", "data", "out") if not getattr(config, flag)]
     if missing:
         raise ClipmedError(f"wise-ft needs {', '.join('--' + m for m in missing)}")
+    if not config.alphas:
+        raise ClipmedError("--alphas needs at least one mixing weight, e.g. 0,0.25,0.5,0.75,1")
+    check_output(config.out, folder=True)
     run = wise_ft(config)
     chosen = read_json(run / "run.json")["wise_ft"]
     for point in chosen["alphas"]:

@@ -141,10 +141,7 @@ def checked(kind: type, *, min: float | None = None, max: float | None = None, a
     low, high = min, max
 
     def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        value = kind(text)  # a ValueError is argparse's "invalid int value: 'x'"
         if choices is not None and value not in choices:
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, choices))}")
         if kind in (int, float) and value != value:  # NaN passes every comparison below

@@ -269,13 +269,13 @@ def _watched(fixtures: dict[str, Path]) -> list[Path]:
 # What a command that ends with status 0 must have written (zero-step training once reported success without a
 # model): a path under its --out ("" for --out itself).
 PRODUCT = {"prepare": "split.json", "train": "model", "index": "index.json", "export": "README.md", "embed": "",
-           "evaluate": "", "sweep": "sweep.json", "benchmark": "benchmark.json"}
+           "evaluate": "", "sweep": "sweep.json", "benchmark": "benchmark.json", "wise-ft": "model"}
 # Commands whose own work is not run here: the CLI, its recipe handling and its checks are (the pipeline is
 # tests/test_pipeline.py's).
 STUBBED = {"reproduce": ("clipmed.pipeline.reproduce", {"models": {}}), "sweep": ("clipmed.pipeline.sweep", {})}
 # Examples per command: the commands that train or embed cost seconds per valid example.
 EXAMPLES = {"prepare": 6, "entities": 4, "predict": 4, "embed": 3, "index": 3, "search": 4, "export": 3,
-            "evaluate": 3, "train": 3, "sweep": 5, "reproduce": 8, "benchmark": 3}
+            "evaluate": 3, "train": 3, "sweep": 5, "reproduce": 8, "benchmark": 3, "wise-ft": 3}
 
 
 def _base_argv(command: str, draw, sandbox: Path, dataset: Path, out: Path, fixtures: dict[str, Path],
@@ -298,7 +298,9 @@ def _base_argv(command: str, draw, sandbox: Path, dataset: Path, out: Path, fixt
             "train": training,
             "sweep": [*training, "--fractions", "1", "--objectives", "caption"],
             "reproduce": ["--data", str(dataset), "--out", str(out), "--model", model],
-            "benchmark": ["--model", model, "--suite", str(sandbox / "suite.yaml"), "--out", str(out)]}[command]
+            "benchmark": ["--model", model, "--suite", str(sandbox / "suite.yaml"), "--out", str(out)],
+            "wise-ft": ["--base", model, "--finetuned", model, "--data", str(fixtures["prepared"]), "--out", str(out),
+                        "--precision", "fp32"]}[command]
 
 
 def test_every_command_is_fuzzed():
