@@ -16,13 +16,14 @@ TINY_TRAINING = ["--batch-size", "8", "--lr-new", "3e-3", "--lr-pretrained", "3e
 def reproduced(synthetic_dataset, tiny_dual_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     assert main(["reproduce", "--data", str(synthetic_dataset), "--out", str(out), "--model", str(tiny_dual_folder),
-                 "--min-class-count", "5", "--epochs", "2", "--semantic-temperatures", "1", *TINY_TRAINING]) == 0
+                 "--min-class-count", "5", "--epochs", "2", "--semantic-temperatures", "1", "--methods", "label-wise-ft",
+                 *TINY_TRAINING]) == 0
     return out
 
 
 def test_reproduce_evaluates_every_model_every_way(reproduced):
     metrics = json.loads((reproduced / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"base", "caption", "label", "semantic"}
+    assert set(metrics["models"]) == {"base", "caption", "label", "semantic", "label-wise-ft"}
     for result in metrics["models"].values():
         assert result["template"] == "A medical image of {label}"
         assert len(result["ensemble"]["templates"]) > 1 and result["ensemble"]["n"] == result["n"]
@@ -52,3 +53,27 @@ def test_sweep_trains_growing_fractions_and_plots_them(reproduced, tiny_dual_fol
         assert rows[0]["n_train"] < rows[1]["n_train"]
         assert all(p["ci95"][0] <= p["top1"] <= p["ci95"][1] for p in rows)
     assert (tmp_path / "data_efficiency.png").exists()
+
+
+def test_methods_are_run_folders_and_every_model_is_scored_on_the_other_label_field(reproduced, tiny_dual_folder,
+                                                                                    tmp_path, capsys):
+    metrics = json.loads((reproduced / "metrics.json").read_text())
+    wise = json.loads((reproduced / "runs" / "label-wise-ft" / "run.json").read_text())
+    assert (reproduced / "runs" / "label-wise-ft" / "model").is_dir()
+    assert wise["wise_ft"]["base"] == str(reproduced / "runs" / "caption")
+    assert wise["wise_ft"]["finetuned"] == str(reproduced / "runs" / "label-from-caption")
+    started = json.loads((reproduced / "runs" / "label-from-caption" / "run.json").read_text())
+    assert started["config"]["init"] == str(reproduced / "runs" / "caption")
+    assert metrics["training"]["label-wise-ft"]["wise_ft_alpha"] == wise["wise_ft"]["chosen"]
+    assert metrics["training"]["caption"]["trainable_parameters"] > 0
+    for name in metrics["models"]:  # modality: CT or MRI on every other synthetic row
+        modality = metrics["other_label_fields"][name]["modality"]
+        assert modality["classes"] == ["CT", "MRI"] and modality["ci95"]["top1"][0] <= modality["top1"]
+    report = (reproduced / "report.md").read_text()
+    assert "Other label fields (forgetting)" in report and "Trainable parameters" in report
+    # The same on the command line: a folder prepared for body_part, scored by modality.
+    assert main(["evaluate", "--model", str(tiny_dual_folder), "--data", str(reproduced / "prepared"), "--split",
+                 "test", "--label-field", "modality", "--out", str(tmp_path / "modality.json")]) == 0
+    result = json.loads((tmp_path / "modality.json").read_text())
+    assert result["classes"] == ["CT", "MRI"]
+    assert result["n"] == metrics["other_label_fields"]["base"]["modality"]["n"]
