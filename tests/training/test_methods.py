@@ -3,12 +3,14 @@ LP-FT's frozen first phase, WiSE-FT's interpolation end points."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from clipmed.cli import main
+from clipmed.data.datasets import pixel_batches
 from clipmed.data.split import load_prepared
 from clipmed.errors import ClipmedError
 from clipmed.inference import label_probabilities
@@ -77,7 +79,10 @@ def test_lora_trains_adapters_only_and_merges_into_a_plain_model(family, prepare
     runner = StepRunner(model, objective.loss(config, model), config)
     for step in range(2):
         optimizer.zero_grad(set_to_none=True)
-        runner(objective.batch(rows, torch.arange(8 * step, 8 * step + 8), config))
+        batch = objective.batch(rows, torch.arange(8 * step, 8 * step + 8), config)
+        pixels = next(pixel_batches([r.image_path for r in batch.images], model.preprocess.size,
+                                    model.preprocess.interpolation, batch_size=8, store=None))
+        runner(dataclasses.replace(batch, pixels=pixels))
         optimizer.step()
     after = dict(model.named_parameters())
     assert any("lora_B" in name and after[name].abs().sum() > 0 for name in after)  # the adapters trained
