@@ -221,13 +221,13 @@ def test_optimizer_state_follows_its_parameters_memory_layout():
 
 def test_val_every_validates_mid_epoch_saves_improvements_and_logs_data_wait(prepared_synthetic, tiny_dual_folder,
                                                                            tmp_path, monkeypatch):
-    real_score, seen = train_module.validation_score, []
+    real_score, seen = train_module.validation_scores, []
 
-    def recording_score(model, val, classes, config, choices):
+    def recording_score(model, val, classes, which, **options):
         seen.append([r.id for r in val])
-        return real_score(model, val, classes, config, choices)
+        return real_score(model, val, classes, which, **options)
 
-    monkeypatch.setattr(train_module, "validation_score", recording_score)
+    monkeypatch.setattr(train_module, "validation_scores", recording_score)
     run = train(_config(prepared_synthetic, tiny_dual_folder, tmp_path / "run", epochs=1, val_every=2,
                         val_max_rows=4, loader_workers=0), progress=False)
     with open(run / "validation.csv") as handle:
