@@ -42,6 +42,7 @@ def test_flags_types_and_defaults_come_from_the_fields():
                                            (["--steps", "x"], "invalid int value: 'x'"),
                                            (["--rate", "0"], "greater than 0"),
                                            (["--rate", "nan"], "not a number"),
+                                           (["--rate", "inf"], "not a finite number"),
                                            (["--names", "a,d"], "not one of a, b, c")])
 def test_values_out_of_range_are_refused_when_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):

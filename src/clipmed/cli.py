@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import ClipmedError
 from .io import check_output, read_json
-from .options import add_options, checked, from_args
+from .options import MAX_SEED, add_options, checked, from_args
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_options(p, ReproduceConfig, only=("n", "seed"))
     p.add_argument("--strict", action="store_true", help="turn skipped rows into errors")
-    p.add_argument("--workers", type=int, help="processes that decode images (default: one per core)")
+    p.add_argument("--workers", type=checked(int, min=1), help="processes that decode images (default: one per core)")
     p.add_argument("--no-image-check", dest="check_images", action="store_false",
                    help="only check that image files exist, without decoding them (a fast metadata-only prepare)")
     _add_data_options(p)
@@ -416,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on each dataset's val split and report the ECE before and after")
     p.add_argument("--label-sep", help="delimiter of multilabel fields held as text (datasets may set label_sep)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n-boot", type=checked(int, min=1), default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=checked(int, min=0, max=MAX_SEED), default=0)
+    p.add_argument("--batch-size", type=checked(int, min=1), default=64)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-cache", action="store_true", help="embed every image again instead of using the cache")
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help='the prompt, with {label} (default: "A medical image of {label}")')
     p.add_argument("--templates", help="a prompt ensemble: a templates YAML as --templates of evaluate, whose "
                    "`default` list is used (each label's embedding is the mean over them)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=checked(int, min=1), default=3)
     p.add_argument("--json", action="store_true")
     _add_inference_options(p)
     p.set_defaults(func=cmd_predict)
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?", help="query text (or pass --image)")
     p.add_argument("--image", help="query image: image-to-image search")
     p.add_argument("--index", required=True, help="folder written by `clipmed index`")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=checked(int, min=1), default=5)
     p.add_argument("--json", action="store_true")
     _add_inference_options(p, precision=False)
     p.set_defaults(func=cmd_search)

@@ -17,11 +17,15 @@ of a parsed command line are the config paths that a recipe's values are overrid
 from __future__ import annotations
 
 import argparse
+import math
 import types
 from dataclasses import MISSING, Field, field, fields
 from typing import Any, Callable, Collection, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
 Config = TypeVar("Config")
+
+# The seeds clipmed passes on (torch, numpy's legacy and new generators, random) all accept 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 _KEY = "clipmed_option"
 # The choices of a `bool | None` option that can also be left to a rule ("auto": None).
@@ -138,24 +142,49 @@ def _metavar(f: Field, kind: type, is_list: bool) -> str:
 def checked(kind: type, *, min: float | None = None, max: float | None = None, above: float | None = None,
             choices: Sequence[Any] | None = None) -> Callable[[str], Any]:
     """An argparse type: text -> `kind`, checked against a range and choices when parsing."""
-    low, high = min, max
 
     def parse(text: str) -> Any:
         value = kind(text)  # a ValueError is argparse's "invalid int value: 'x'"
-        if choices is not None and value not in choices:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(map(str, choices))}")
-        if kind in (int, float) and value != value:  # NaN passes every comparison below
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"{text} is below the minimum {low:g}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text} is above the maximum {high:g}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"{text} must be greater than {above:g}")
+        problem = range_problem(value, min=min, max=max, above=above, choices=choices)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def range_problem(value: Any, *, min: float | None = None, max: float | None = None, above: float | None = None,
+                  choices: Sequence[Any] | None = None) -> str | None:
+    """Why `value` is outside an option's range, or None: the one test of typed flags and of recipe values."""
+    if choices is not None and value not in choices:
+        return f"{value!r} is not one of {', '.join(map(str, choices))}"
+    if isinstance(value, float) and value != value:  # NaN passes every comparison below
+        return f"{value!r} is not a number"
+    if isinstance(value, float) and math.isinf(value):  # no option takes an infinite value
+        return f"{value!r} is not a finite number"
+    if min is not None and value < min:
+        return f"{value} is below the minimum {min:g}"
+    if max is not None and value > max:
+        return f"{value} is above the maximum {max:g}"
+    if above is not None and value <= above:
+        return f"{value} must be greater than {above:g}"
+    return None
+
+
+def field_problem(f: Field, value: Any) -> str | None:
+    """`range_problem` of a value for an option field (of each item, for a list field); None for a field that is
+    no option, for None and for booleans."""
+    spec = f.metadata.get(_KEY)
+    if spec is None or value is None or isinstance(value, bool):
+        return None
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, (int, float, str)) and not isinstance(item, bool):
+            problem = range_problem(item, min=spec["min"], max=spec["max"], above=spec["above"],
+                                    choices=spec["choices"])
+            if problem:
+                return problem
+    return None
 
 
 def _tristate(text: str) -> bool | None:

@@ -27,7 +27,7 @@ from .knowledge import load_templates
 from .locking import FileLock
 from .models import DEFAULT_SPEC, load_model
 from .objectives import OBJECTIVES, REPRODUCE_OBJECTIVES, get_objective
-from .options import option
+from .options import MAX_SEED, option
 from .report.figures import data_efficiency_figure, embedding_figure, per_class_figure
 from .report.benchmark import write_benchmark_report
 from .report.gallery import build_gallery
@@ -71,7 +71,7 @@ class ReproduceConfig:
     case_sensitive_labels: bool = option(False, "keep labels differing only in case apart (default: merged into "
                                          "the most frequent spelling)")
     n: int = option(DEFAULT_N, "labeled rows to sample (all when fewer)", min=1)
-    seed: int = option(0, "seed of the split, the initialisations and the data order")
+    seed: int = option(0, "seed of the split, the initialisations and the data order", min=0, max=MAX_SEED)
     objectives: tuple[str, ...] = option(REPRODUCE_OBJECTIVES, "fine-tuned models to compare with the base",
                                          choices=tuple(OBJECTIVES))
     train: TrainConfig = field(default_factory=TrainConfig)

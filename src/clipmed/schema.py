@@ -15,7 +15,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ClipmedError
-from .options import own_first
+from .options import field_problem, own_first
 
 Config = TypeVar("Config")
 
@@ -47,6 +47,7 @@ def build(cls: type[Config], values: dict, path: str, prefix: str = "", *, missi
     """
     hints = get_type_hints(cls)
     known = [f.name for f in own_first(cls)]
+    by_name = {f.name: f for f in fields(cls)}
     checked = {}
     for key, value in values.items():
         where = f"{prefix}{key}"
@@ -54,6 +55,9 @@ def build(cls: type[Config], values: dict, path: str, prefix: str = "", *, missi
             raise ClipmedError(f"{path}: unknown key '{where}' (known keys{' in ' + prefix[:-1] if prefix else ''}: "
                                f"{', '.join(known)})")
         checked[key] = _value(value, hints[key], path, where, missing_ok)
+        problem = field_problem(by_name[key], checked[key])  # the range its command-line flag has
+        if problem:
+            raise ClipmedError(f"{path}: '{where}': {problem}")
     required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     absent = [name for name in required if name not in checked]
     if absent and not missing_ok:

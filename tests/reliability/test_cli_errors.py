@@ -261,3 +261,58 @@ def test_yaml_inputs_that_are_not_text(capsys, tmp_path, synthetic_dataset, tiny
                  ["predict", "--model", tiny_dual_folder, image, "--labels", "A,B", "--templates", binary],
                  ["train", "--data", tmp_path, "--out", tmp_path / "run", "--config", binary]):
         assert f"{binary}: not UTF-8 text (byte 0)" in fails(capsys, *argv)
+
+
+def _refused_when_parsing(capsys, argv: list, flag: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([str(a) for a in argv])
+    assert exited.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith(f"clipmed: error: argument {flag}: "), line
+    return line
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-1"), ("--max-steps", "0"),
+                                         ("--batch-size", "-4"), ("--batch-size", "0"), ("--accum-steps", "0"),
+                                         ("--lr-new", "0"), ("--lr-new", "inf"), ("--warmup-fraction", "1.5"),
+                                         ("--semantic-temperature", "0"), ("--seed", "-1")])
+def test_training_that_cannot_run_is_refused_when_parsing(capsys, monkeypatch, tmp_path, prepared_synthetic, flag,
+                                                          value):
+    """Zero-step training once reported "run written" without a model (and --batch-size 0 divided by zero after
+    42 s): every numeric option is checked by argparse, before a model loads."""
+    _refuse_work(monkeypatch)
+    _refused_when_parsing(capsys, ["train", "--data", prepared_synthetic, "--out", tmp_path / "run", flag, value], flag)
+    assert not (tmp_path / "run").exists()
+
+
+def test_top_k_is_checked_when_parsing(capsys, monkeypatch, tmp_path, synthetic_dataset):
+    _refuse_work(monkeypatch)
+    image = synthetic_dataset / "images" / "img_0000.png"
+    _refused_when_parsing(capsys, ["predict", "--model", "m", image, "--labels", "A,B", "--top-k", "0"], "--top-k")
+    _refused_when_parsing(capsys, ["search", "--model", "m", "--index", tmp_path, "x", "--top-k", "-2"], "--top-k")
+
+
+def test_every_numeric_option_has_a_range(capsys):
+    """Each int or float option of each sub-command refuses a hugely negative value, NaN and infinity when parsing."""
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = []
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            kind = getattr(action.type, "__name__", None)
+            if not action.option_strings or kind not in ("int", "float"):
+                continue
+            for value in ("nan", "inf", str(-10 ** 30)):
+                with pytest.raises((argparse.ArgumentTypeError, ValueError)):  # argparse reports either
+                    action.type(value)
+            checked.append(f"{name} {action.option_strings[0]}")
+    assert "train --epochs" in checked and "predict --top-k" in checked and "benchmark --n-boot" in checked
+
+
+def test_a_recipe_value_out_of_range_is_refused(capsys, monkeypatch, tmp_path, prepared_synthetic):
+    """A recipe's values meet the ranges of the flags they stand for (a recipe could set zero epochs)."""
+    _refuse_work(monkeypatch)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  epochs: 0\n")
+    line = fails(capsys, "train", "--config", recipe, "--data", prepared_synthetic, "--out", tmp_path / "run")
+    assert line == f"clipmed: error: {recipe}: 'train.epochs': 0 is below the minimum 1"

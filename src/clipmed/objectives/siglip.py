@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.split import PreparedData
+from ..models.base import MAX_LOGIT_SCALE
 from ..options import option
 from .base import Objective, TrainingRows, caption_rows
 
@@ -19,8 +20,10 @@ from .base import Objective, TrainingRows, caption_rows
 @dataclass
 class SiglipOptions:
     siglip_init_scale: float = option(10.0, "SigLIP: the temperature t a model without a bias starts from "
-                                      "(the paper's t' = log 10)", above=0)
-    siglip_init_bias: float = option(-10.0, "SigLIP: the bias b a model without one starts from (the paper's -10)")
+                                      "(the paper's t' = log 10)", above=0, max=MAX_LOGIT_SCALE)
+    # Beyond +-MAX_LOGIT_SCALE (the largest scaled cosine) the bias alone decides every pair's sigmoid.
+    siglip_init_bias: float = option(-10.0, "SigLIP: the bias b a model without one starts from (the paper's -10)",
+                                     min=-MAX_LOGIT_SCALE, max=MAX_LOGIT_SCALE)
 
 
 class SigmoidLoss(nn.Module):

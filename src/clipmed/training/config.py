@@ -15,7 +15,7 @@ from ..data.store import StoreOptions
 from ..machine import ATTENTIONS, AUTO, MEMORY_FORMATS, Speed
 from ..models import DEFAULT_SPEC
 from ..objectives import OBJECTIVES, LabelOptions, SemanticOptions, SiglipOptions
-from ..options import AUTO_ON_OFF, option
+from ..options import AUTO_ON_OFF, MAX_SEED, option
 from ..precision import PRECISIONS
 from .logging import REPORTERS
 
@@ -38,9 +38,10 @@ class TrainConfig(LabelOptions, SemanticOptions, SiglipOptions):
     epochs: int = option(3, "passes over the training rows", min=1)
     batch_size: int = option(32, "pairs per optimisation step (every other pair of the batch is a negative)", min=2)
     lr_clip: float | None = option(None, "rate for weights of a pretrained CLIP (default: CLIP's pretraining rate "
-                                   "5e-4 scaled by batch/32768)", above=0)
-    lr_pretrained: float = option(1e-4, "rate for towers pretrained alone (ImageNet CNN, MiniLM)", above=0)
-    lr_new: float = option(1e-3, "rate for fresh projections, the temperature and LoRA adapters", above=0)
+                                   "5e-4 scaled by batch/32768)", above=0, max=1)
+    lr_pretrained: float = option(1e-4, "rate for towers pretrained alone (ImageNet CNN, MiniLM)", above=0, max=1)
+    lr_new: float = option(1e-3, "rate for fresh projections, the temperature and LoRA adapters", above=0,
+                           max=1)
     weight_decay: float = option(0.1, "AdamW weight decay (not on biases, norms, temperature)", min=0)
     warmup_fraction: float = option(0.1, "share of steps with a linear warmup, then cosine to zero", min=0, max=1)
     lp_epochs: int = option(0, "LP-FT: first train only the projections and temperature for N epochs, then the "
@@ -76,7 +77,7 @@ class TrainConfig(LabelOptions, SemanticOptions, SiglipOptions):
     text_bucket: int = 8                # texts encoded in length-sorted groups of this size (less padding)
     feature_cache: bool = option(True, "a locked tower's features are computed once and cached on disk (LiT); "
                                  "--no-feature-cache recomputes them every step")
-    seed: int = option(0, "seed of the initialisation and data order")
+    seed: int = option(0, "seed of the initialisation and data order", min=0, max=MAX_SEED)
     checkpoint_every: int = option(50, "steps between resume checkpoints (also at every epoch end)", min=1)
     max_steps: int | None = option(None, "stop after this many steps (smoke runs)", min=1)
     eval_batch_size: int = 64

@@ -22,7 +22,7 @@ from ..io import read_json, write_json_atomic
 from ..knowledge.prompts import DEFAULT_TEMPLATE
 from ..locking import FileLock
 from ..models import ClipModel, load_model
-from ..options import option
+from ..options import MAX_SEED, option
 from .train import environment, save_model_atomically
 from .validation import validation_scores
 
@@ -35,7 +35,8 @@ class WiseFTConfig:
     out: str = option(help="the new run folder", metavar="RUN")
     alphas: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "mixing weights a tried: (1 - a) * base + "
                                        "a * finetuned", min=0, max=1)
-    seed: int = option(0, "seed of a spec's fresh parts (the dual default's untrained projections)")
+    seed: int = option(0, "seed of a spec's fresh parts (the dual default's untrained projections)", min=0,
+                       max=MAX_SEED)
     precision: str = option("bf16", "autocast precision of the validation passes", choices=("bf16", "fp32"))
 
 
