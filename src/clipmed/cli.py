@@ -142,8 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                                min_class_count=args.min_class_count,
                                                case_sensitive_labels=args.case_sensitive_labels)
         train = None  # a dataset never prepared has no train split for the linear probe
+    config = from_args(EvalConfig, args)  # checks the template before the model loads
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    config = from_args(EvalConfig, args)
     result, _ = full_evaluation(model, records, train, classes, load_templates(label_field or "default", args.templates),
                                 config, progress=True)
     if args.out:

@@ -30,7 +30,7 @@ from .errors import ClipmedError, first_line
 from .evaluation.embed import embed_images, embed_texts
 from .evaluation.zeroshot import class_embeddings, zero_shot_scores
 from .io import atomic_write, read_json, sha256_file, write_json_atomic
-from .knowledge.prompts import DEFAULT_TEMPLATE
+from .knowledge.prompts import DEFAULT_TEMPLATE, check_template
 from .locking import FileLock
 from .models import ClipModel
 from .models.base import model_fingerprint
@@ -79,8 +79,7 @@ def predict(model: ClipModel, image_paths: Sequence[str], labels: Sequence[str],
     if not templates:
         raise ClipmedError("no prompt template given: pass --template or --templates FILE")
     for template in templates:
-        if "{label}" not in template:
-            raise ClipmedError(f"template {template!r} has no {{label}}: every label would get the same prompt")
+        check_template(template, "--template")
     if top_k < 1:
         raise ClipmedError(f"--top-k must be at least 1, not {top_k}")
     images = embed_images(model, [image_record(p) for p in image_paths], precision=precision, store=None)

@@ -316,3 +316,13 @@ def test_a_recipe_value_out_of_range_is_refused(capsys, monkeypatch, tmp_path, p
     recipe.write_text("train:\n  epochs: 0\n")
     line = fails(capsys, "train", "--config", recipe, "--data", prepared_synthetic, "--out", tmp_path / "run")
     assert line == f"clipmed: error: {recipe}: 'train.epochs': 0 is below the minimum 1"
+
+
+def test_templates_with_other_fields_are_refused_before_any_work(capsys, monkeypatch, tmp_path, prepared_synthetic,
+                                                                 synthetic_dataset):
+    _refuse_work(monkeypatch)
+    image = synthetic_dataset / "images" / "img_0000.png"
+    for argv in (["evaluate", "--model", "m", "--data", prepared_synthetic, "--template", "{other} {label}"],
+                 ["train", "--data", prepared_synthetic, "--out", tmp_path / "run", "--label-template", "{other}"]):
+        assert "must contain exactly one {label} and no other fields" in fails(capsys, *argv)
+    assert not (tmp_path / "run").exists()

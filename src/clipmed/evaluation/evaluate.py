@@ -13,7 +13,7 @@ from ..data.datasets import readable_records
 from ..data.labels import DEFAULT_MIN_CLASS_COUNT, relabel
 from ..data.records import Record
 from ..data.split import PreparedData
-from ..knowledge.prompts import DEFAULT_TEMPLATE
+from ..knowledge.prompts import DEFAULT_TEMPLATE, check_template
 from ..models.base import ClipModel
 from ..options import option
 from .embed import embed_images, embed_texts
@@ -32,6 +32,9 @@ class EvalConfig:
     probe_shots: tuple[int, ...] = (1, 4, 16)
     probe_draws: int = 5
     retrieval_ks: tuple[int, ...] = (1, 2, 5, 10)
+
+    def __post_init__(self) -> None:
+        check_template(self.template, "--template")  # "{other}" would be a KeyError mid-evaluation
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.split import PreparedData
-from ..knowledge.prompts import DEFAULT_TEMPLATE
+from ..knowledge.prompts import DEFAULT_TEMPLATE, check_template
 from ..options import option
 from .base import Batch, Objective, TrainingRows, symmetric_loss
 from .caption import ContrastiveLoss
@@ -24,6 +24,9 @@ class LabelOptions:
                                  "selection scores with")
     label_targets: str = option("multi", "multi: same-label pairs are positives; naive: the paper's one-positive "
                                 "loss", choices=LABEL_TARGETS)
+
+    def __post_init__(self) -> None:
+        check_template(self.label_template, "--label-template")  # checked before training, not at its first step
 
 
 class LabelLoss(nn.Module):
