@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data.records import Record
-from ..machine import Choices, resolve
+from ..machine import Choices, apply_to_model, resolve
 from ..machine import facts as machine_facts
 from ..models.base import ClipModel
 from ..objectives import Batch
@@ -32,9 +32,7 @@ class StepRunner:
         self.device = torch.device(config.device)
         self.choices = choices or resolve(config.speed(), machine_facts(self.device),
                                           image_tower=model.image_tower_kind)[0]
-        model.select_attention(self.choices.attention)
-        model.set_speed(channels_last=self.choices.memory_format == "channels_last",
-                        fuse_conv_bn=self.choices.fuse_conv_bn)
+        apply_to_model(model, self.choices)
         # All of them: which ones train can change between epochs (LP-FT); those without a gradient are skipped.
         self.parameters = list(model.parameters())
 

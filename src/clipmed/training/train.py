@@ -31,7 +31,7 @@ from ..evaluation.benchmark import (BenchmarkConfig, DatasetData, evaluate_model
                                     summarize)
 from ..io import read_json, write_json_atomic
 from ..locking import FileLock
-from ..machine import Choices, apply_threads, facts, resolve
+from ..machine import Choices, apply_threads, apply_to_model, facts, resolve
 from ..models import ClipModel, load_model
 from ..models.lora import add_lora, merged
 from ..objectives import OBJECTIVES, TrainingRows, get_objective
@@ -330,6 +330,7 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
     trainable towers are optionally compiled and gradient-checkpointed."""
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    apply_to_model(model, choices)  # before the locked-tower cache, so that it computes what training would
     fingerprint = prepared.manifest["source"]["fingerprint"]
 
     def features(side: str, inputs: list) -> LockedFeatures:
