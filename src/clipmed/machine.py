@@ -143,12 +143,14 @@ def resolve(speed: Speed, facts: Facts, *, image_tower: str = "conv",
             forced[name] = getattr(speed, name)
     if speed.threads:
         forced["threads"] = speed.threads
+    implied = {}
     if forced.get("memory_format") == "contiguous" and "fuse_conv_bn" not in forced:
         # Folding builds new weights every step; in the contiguous layout oneDNN then reorders them each time and
         # the image tower ran slower than unfolded (README, Performance). It pays in channels_last only.
-        forced["fuse_conv_bn"] = False
-    choices = Choices(**{**rule_choices.to_dict(), **forced})
-    return choices, rule + (f"; forced: {', '.join(sorted(forced))}" if forced else "")
+        implied["fuse_conv_bn"] = False
+    choices = Choices(**{**rule_choices.to_dict(), **forced, **implied})
+    how = rule + (f"; forced: {', '.join(sorted(forced))}" if forced else "")
+    return choices, how + ("; BatchNorm not folded in the contiguous layout" if implied else "")
 
 
 def _check(speed: Speed) -> None:
@@ -211,3 +213,11 @@ def apply_threads(choices: Choices) -> None:
     """Set torch's intra-op thread count to the chosen one."""
     if torch.get_num_threads() != choices.threads:
         torch.set_num_threads(choices.threads)
+
+
+def apply_to_model(model, choices: Choices) -> None:
+    """Put the choices that live in the model into it: the attention kernel, the image tower's memory format and
+    the BatchNorm fold. Everything that runs the towers for a run (its steps, its locked-tower feature cache)
+    runs after this, so they all compute the same function the same way."""
+    model.select_attention(choices.attention)
+    model.set_speed(channels_last=choices.memory_format == "channels_last", fuse_conv_bn=choices.fuse_conv_bn)

@@ -332,6 +332,7 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
         model.set_grad_checkpointing(True)
     apply_to_model(model, choices)  # before the locked-tower cache, so that it computes what training would
     fingerprint = prepared.manifest["source"]["fingerprint"]
+    apply_to_model(model, choices)  # before the feature cache: cached features must be what a step computes
 
     def features(side: str, inputs: list) -> LockedFeatures:
         """Rank 0 computes and caches the features, then every rank loads them (one computation per run)."""
