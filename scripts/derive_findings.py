@@ -24,7 +24,8 @@ from pathlib import Path
 
 from clipmed.data.records import FieldMap
 from clipmed.data.sources import load_source
-from clipmed.io import read_json, write_text_atomic
+from clipmed.data.split import read_manifest
+from clipmed.io import write_text_atomic
 from clipmed.knowledge import ConceptExtractor, Vocabulary
 
 
@@ -46,7 +47,7 @@ def derive(source: str, out: Path, *, prepared: Path | None = None, caption_fiel
     if prepared is None:
         parts = {out: list(rows)}
     else:
-        splits = read_json(prepared / "split.json")["splits"]
+        splits = read_manifest(prepared)["splits"]
         parts = {out / name: splits[name] for name in ("test", "val")}
     counts = {}
     for folder, ids in parts.items():

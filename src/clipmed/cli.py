@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import ClipmedError
 from .io import check_output, read_json
-from .options import MAX_SEED, add_options, checked, from_args
+from .options import add_options, checked, from_args
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -164,8 +164,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     check_device(args.device)
     suite = load_suite(args.suite)
     models = model_names(args.model)
-    config = BenchmarkConfig(n_boot=args.n_boot, seed=args.seed, precision=args.precision, batch_size=args.batch_size,
-                             calibrate=args.calibrate, label_sep=args.label_sep, cache=not args.no_cache)
+    config = from_args(BenchmarkConfig, args)
     out = Path(args.out)
     with FileLock(out, what="benchmark"):
         result = run_benchmark(models, suite, config, device=args.device, trust_remote_code=args.trust_remote_code,
@@ -362,13 +361,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.benchmark import BenchmarkConfig
     from .evaluation.evaluate import EvalConfig
     from .objectives import OBJECTIVES
     from .pipeline import SOURCE_OPTIONS, ReproduceConfig
-    from .training.config import PER_RUN_FIELDS
+    from .training.config import PER_RUN_FIELDS, TrainConfig
+    from .training.wise_ft import WiseFTConfig
+
     # reproduce and sweep set these per run; reproduce's own --suite scores every model it trains.
     shared_training = (*PER_RUN_FIELDS, "suite", "select_by_suite")
-    from .training.wise_ft import WiseFTConfig
 
     parser = _Parser(prog="clipmed", description="Adapt CLIP-style image-text models to medical "
                                      "imaging and measure, with confidence intervals, how much each adaptation helps.")
@@ -413,15 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders, saved models or specs; NAME= sets the column name (default: the folder's name)")
     p.add_argument("--suite", required=True, help="a suite YAML (configs/suites/roco.yaml shows the keys)")
     p.add_argument("--out", required=True, help="folder for benchmark.json, benchmark.md and benchmark.html")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit a temperature on each dataset's val split and report the ECE before and after")
-    p.add_argument("--label-sep", help="delimiter of multilabel fields held as text (datasets may set label_sep)")
-    p.add_argument("--n-boot", type=checked(int, min=1), default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--seed", type=checked(int, min=0, max=MAX_SEED), default=0)
-    p.add_argument("--batch-size", type=checked(int, min=1), default=64)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-cache", action="store_true", help="embed every image again instead of using the cache")
+    add_options(p, BenchmarkConfig)
+    add_options(p, TrainConfig, only=("device",))
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     p.set_defaults(func=cmd_benchmark)
 

@@ -44,6 +44,7 @@ from ..knowledge import check_template, load_templates
 from ..locking import FileLock
 from ..models import ClipModel, load_model
 from ..models.base import model_fingerprint
+from ..options import MAX_SEED, option
 from ..schema import build, read_mapping
 from .calibration import fit_temperature, reliability
 from .embed import embed_images
@@ -96,13 +97,15 @@ class Suite:
 
 @dataclass
 class BenchmarkConfig:
-    n_boot: int = 1000
-    seed: int = 0
-    precision: str = "bf16"
-    batch_size: int = 64
-    calibrate: bool = False  # fit a temperature on each dataset's val split
-    label_sep: str | None = None  # multilabel datasets without their own label_sep
-    cache: bool = True  # keep image embeddings in clipmed's cache folder
+    n_boot: int = option(1000, "bootstrap resamples for the intervals", min=1)
+    seed: int = option(0, "seed of the bootstrap resamples", min=0, max=MAX_SEED)
+    precision: str = option("bf16", "autocast precision of the forward pass", choices=("bf16", "fp32"))
+    batch_size: int = option(64, "images per forward pass", min=1)
+    calibrate: bool = option(False, "fit a temperature on each dataset's val split and report the ECE before "
+                             "and after")
+    label_sep: str | None = option(None, "delimiter of multilabel fields held as text (datasets may set label_sep)")
+    cache: bool = option(True, "image embeddings are kept in clipmed's cache folder and reused; --no-cache "
+                         "embeds every image again")
 
 
 def load_suite(path: str | os.PathLike) -> Suite:
