@@ -17,7 +17,7 @@ from clipmed.errors import ClipmedError
 from clipmed.evaluation import benchmark
 from clipmed.evaluation.benchmark import (BenchmarkConfig, DatasetData, Evaluation, SuiteDataset, findings_of,
                                           image_embeddings, load_suite, read_suite, summarize)
-from clipmed.evaluation.metrics import _interval
+from clipmed.evaluation.metrics import percentile_interval
 from clipmed.models import load_model
 from clipmed.models.base import model_fingerprint
 from helpers import write_synthetic_imagefolder
@@ -105,7 +105,7 @@ def test_suite_average_and_interval_on_two_datasets():
                     [data("a"), data("b"), data("m", "multilabel")])
     average = out["average"]["good"]["multiclass_top1"]
     assert average["value"] == pytest.approx(0.6) and average["datasets"] == ["a", "b"]  # equal weights, no mixing
-    assert average["ci95"] == _interval((samples["a"] + samples["b"]) / 2)
+    assert average["ci95"] == percentile_interval((samples["a"] + samples["b"]) / 2)
     assert out["average"]["good"]["multilabel_auroc"]["value"] == pytest.approx(0.7)
     assert out["rank"]["a"] == {"good": 1, "worse": 2} and out["rank"]["b"] == {"good": 1, "worse": 1}
 

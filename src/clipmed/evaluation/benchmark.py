@@ -49,7 +49,7 @@ from ..schema import build, read_mapping
 from .calibration import fit_temperature, reliability
 from .embed import embed_images
 from .evaluate import EvalConfig, zero_shot_metrics
-from .metrics import _interval, _resamples
+from .metrics import percentile_interval, bootstrap_resamples
 from .multilabel import multilabel_metrics
 from .probe import linear_probe
 from .zeroshot import class_embeddings
@@ -334,7 +334,8 @@ def _multiclass(model: ClipModel, fingerprint: str, data: DatasetData, config: B
         result["probe"] = linear_probe(train_images, data.probe_train.targets[train_keep], images, labels,
                                        data.classes, shots=(), seed=config.seed, n_boot=config.n_boot)
     hits = (scores.argmax(axis=1) == labels).astype(np.float64)
-    boot = np.concatenate([hits[idx].mean(axis=1) for idx in _resamples(len(hits), config.n_boot, config.seed)])
+    draws = bootstrap_resamples(len(hits), config.n_boot, config.seed)
+    boot = np.concatenate([hits[idx].mean(axis=1) for idx in draws])
     return _with_counts(result, data, skipped), boot
 
 
@@ -438,7 +439,7 @@ def summarize(evaluations: dict[str, Evaluation], datasets: Sequence[DatasetData
                 continue
             values = [headline(evaluation.results[name])[0] for name in names]
             stacked = np.stack([evaluation.samples[name] for name in names])
-            average[model][key] = {"value": float(np.mean(values)), "ci95": _interval(stacked.mean(axis=0)),
+            average[model][key] = {"value": float(np.mean(values)), "ci95": percentile_interval(stacked.mean(axis=0)),
                                    "datasets": names}
     rank: dict[str, dict] = {}
     for data in datasets:

@@ -16,7 +16,7 @@ from scipy.special import log_softmax
 
 N_BINS = 15
 # Temperatures searched (log-uniform bounds): far beyond any useful value on both sides.
-_T_RANGE = (1e-2, 1e2)
+TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -55,5 +55,5 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     def nll(log_t: float) -> float:
         return float(-log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())
 
-    found = minimize_scalar(nll, bounds=np.log(_T_RANGE), method="bounded", options={"xatol": 1e-6})
+    found = minimize_scalar(nll, bounds=np.log(TEMPERATURE_RANGE), method="bounded", options={"xatol": 1e-6})
     return float(np.exp(found.x))

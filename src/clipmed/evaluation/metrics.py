@@ -40,7 +40,7 @@ def classification_metrics(
     Confusion rows are true classes, columns predicted. Intervals resample the rows (n_boot >= 1).
     """
     scores, labels, classes = _check_classification(scores, labels, classes)
-    _check_boot(n_boot)
+    check_boot(n_boot)
     n, n_classes = scores.shape
     ranks = _ranks(scores, labels)
     hit1 = (ranks < 1).astype(np.float64)
@@ -52,7 +52,7 @@ def classification_metrics(
 
     hits = np.stack([hit1, hit3], axis=1)
     boot: dict[str, list[np.ndarray]] = {"top1": [], "top3": [], "macro_f1": [], "balanced_accuracy": []}
-    for idx in _resamples(n, n_boot, seed):
+    for idx in bootstrap_resamples(n, n_boot, seed):
         confusions = _confusions(codes[idx], n_classes)
         top1, top3 = (_counts(idx, n) @ hits / n).T
         boot["top1"].append(top1)
@@ -68,7 +68,7 @@ def classification_metrics(
         "macro_f1": float(_macro_f1(confusion)),
         "balanced_accuracy": float(_balanced_accuracy(confusion)),
         "majority_rate": float(support.max() / n),
-        "ci95": {name: _interval(np.concatenate(parts)) for name, parts in boot.items()},
+        "ci95": {name: percentile_interval(np.concatenate(parts)) for name, parts in boot.items()},
         "per_class": {
             name: {"n": int(support[c]), "top1": float(correct[c] / support[c]) if support[c] else None}
             for c, name in enumerate(classes)
@@ -113,11 +113,11 @@ def retrieval_metrics(
     """
     # float32 embeddings stay float32 (half the memory and time of the block products); float64 stays float64.
     dtype = np.result_type(np.asarray(image_embeddings).dtype, np.asarray(text_embeddings).dtype, np.float32)
-    images = _check_finite_matrix(image_embeddings, "image embeddings", dtype)
-    texts = _check_finite_matrix(text_embeddings, "text embeddings", dtype)
+    images = check_finite_matrix(image_embeddings, "image embeddings", dtype)
+    texts = check_finite_matrix(text_embeddings, "text embeddings", dtype)
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"image embeddings have {images.shape[1]} dimensions but text embeddings {texts.shape[1]}")
-    _check_boot(n_boot)
+    check_boot(n_boot)
     if block_rows is not None and int(block_rows) < 1:
         raise ValueError(f"block_rows must be at least 1, got {block_rows}")
     n_img, n_txt = len(images), len(texts)
@@ -262,7 +262,7 @@ def _balanced_accuracy(confusion: np.ndarray) -> np.ndarray:
     return recall.sum(axis=-1) / (support > 0).sum(axis=-1)
 
 
-def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+def bootstrap_resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Bootstrap row indices in [block, n] batches; the same (n, n_boot, seed) always yields the same draws."""
     rng = np.random.default_rng(seed)
     block = max(1, _BLOCK_ELEMENTS // n)
@@ -283,21 +283,21 @@ def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> list[list[fl
     the cost is O(n_boot * n) for any number of columns and memory stays at one block."""
     n = len(values)
     values = np.asarray(values, dtype=np.float64)
-    stats = np.concatenate([_counts(idx, n) @ values / n for idx in _resamples(n, n_boot, seed)])
-    return [_interval(stats[:, j]) for j in range(stats.shape[1])]
+    stats = np.concatenate([_counts(idx, n) @ values / n for idx in bootstrap_resamples(n, n_boot, seed)])
+    return [percentile_interval(stats[:, j]) for j in range(stats.shape[1])]
 
 
-def _interval(samples: np.ndarray) -> list[float]:
+def percentile_interval(samples: np.ndarray) -> list[float]:
     low, high = np.percentile(samples, [2.5, 97.5])
     return [float(low), float(high)]
 
 
-def _check_boot(n_boot: int) -> None:
+def check_boot(n_boot: int) -> None:
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
 
 
-def _check_finite_matrix(matrix: np.ndarray, name: str, dtype: np.dtype = np.float64) -> np.ndarray:
+def check_finite_matrix(matrix: np.ndarray, name: str, dtype: np.dtype = np.float64) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=dtype)
     if matrix.ndim != 2 or 0 in matrix.shape:
         raise ValueError(f"{name} must be a non-empty 2-D array, got shape {matrix.shape}")
@@ -326,7 +326,7 @@ def _check_classification(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if len(np.asarray(labels)) == 0:
         raise ClipmedError("no test rows to evaluate: the test split is empty; re-run prepare with a larger test share")
-    scores = _check_finite_matrix(scores, "scores")
+    scores = check_finite_matrix(scores, "scores")
     classes = [str(name) for name in classes]
     if scores.shape[1] != len(classes):
         raise ValueError(f"scores have {scores.shape[1]} columns but there are {len(classes)} classes")

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from clipmed.errors import ClipmedError
-from clipmed.evaluation.metrics import _check_boot, _check_finite_matrix, _interval
+from clipmed.evaluation.metrics import check_boot, check_finite_matrix, percentile_interval
 
 # Draws allowed per requested resample before giving up (a finding with one positive in a large set is redrawn
 # about e times as often as kept; hundreds of times more means the interval would describe almost nothing).
@@ -41,14 +41,14 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, findings: Sequen
     values and their intervals are null. Intervals: 95% percentile bootstrap over rows, the same resamples for
     every finding, `numpy.random.default_rng(seed)`.
     """
-    scores = _check_finite_matrix(scores, "scores")
+    scores = check_finite_matrix(scores, "scores")
     targets = np.asarray(targets)
     findings = [str(name) for name in findings]
     if targets.shape != scores.shape or scores.shape[1] != len(findings):
         raise ValueError(f"scores {scores.shape}, targets {targets.shape} and {len(findings)} findings disagree")
     if not np.isin(targets, (0, 1)).all():
         raise ValueError("targets must be 0 or 1")
-    _check_boot(n_boot)
+    check_boot(n_boot)
     targets = targets.astype(np.int64)
     n = len(scores)
     positives = targets.sum(axis=0)
@@ -75,7 +75,8 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, findings: Sequen
         if defined[j]:
             k = int(np.searchsorted(columns, j))
             entry.update(auroc=float(auroc[j]), ap=float(ap[j]),
-                         ci95={"auroc": _interval(boot_auroc[:, k]), "ap": _interval(boot_ap[:, k])})
+                         ci95={"auroc": percentile_interval(boot_auroc[:, k]),
+                               "ap": percentile_interval(boot_ap[:, k])})
         else:
             entry.update(auroc=None, ap=None, undefined="no positive rows" if positives[j] == 0 else "no negative rows")
         per_class[name] = entry
@@ -85,8 +86,8 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, findings: Sequen
         "findings": findings,
         "macro_auroc": float(auroc[columns].mean()) if len(columns) else None,
         "map": float(ap[columns].mean()) if len(columns) else None,
-        "ci95": {"macro_auroc": _interval(macro_samples) if macro_samples is not None else None,
-                 "map": _interval(boot_ap.mean(axis=1)) if boot_ap is not None else None},
+        "ci95": {"macro_auroc": percentile_interval(macro_samples) if macro_samples is not None else None,
+                 "map": percentile_interval(boot_ap.mean(axis=1)) if boot_ap is not None else None},
         "undefined": [name for j, name in enumerate(findings) if not defined[j]],
         "redrawn_resamples": int(redrawn),
         "per_class": per_class,

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from clipmed.evaluation.calibration import TEMPERATURE_RANGE
 from clipmed.io import write_text_atomic
 from clipmed.report.figures import reliability_figure
 from clipmed.report.html import write_markdown_page
-from clipmed.report.markdown import _cell, _pct, _pct_ci, _table
+from clipmed.report.markdown import format_cell, format_pct, format_pct_ci, markdown_table
 
 BENCHMARK_MD = "benchmark.md"
 BENCHMARK_HTML = "benchmark.html"
@@ -46,8 +47,9 @@ def render_benchmark(benchmark: dict, *, figure: str | None = None) -> str:
              "its row whose interval lies above every other model's.", ""]
     lines += benchmark_tables(benchmark)
     lines += ["## Rank per dataset", ""]
-    lines += _table(["Dataset", *map(_cell, models)],
-                    [[_cell(d), *(str(benchmark["rank"][d][m] or "—") for m in models)] for d in benchmark["datasets"]])
+    lines += markdown_table(["Dataset", *map(format_cell, models)],
+                    [[format_cell(d), *(str(benchmark["rank"][d][m] or "—") for m in models)]
+                     for d in benchmark["datasets"]])
     lines += _details(benchmark)
     lines += _calibration(benchmark, figure)
     lines += _skipped(benchmark)
@@ -70,12 +72,13 @@ def benchmark_tables(benchmark: dict) -> list[str]:
         rows = []
         for dataset in names:
             cells = [_headline(benchmark["results"][m][dataset]["ensemble"], key) for m in models]
-            rows.append([_cell(dataset), str(info[dataset]["n_rows"]), str(len(info[dataset]["classes"])),
+            rows.append([format_cell(dataset), str(info[dataset]["n_rows"]), str(len(info[dataset]["classes"])),
                          *_mark(cells)])
         averages = [benchmark["average"][m][average_key] for m in models]
         rows.append(["Average", "", "", *_mark([(a["value"], a["ci95"]) if a else (None, None) for a in averages])])
         lines += [f"## {task.capitalize()} datasets: {title}", ""]
-        lines += _table(["Dataset", "n", "classes" if task == "multiclass" else "findings", *map(_cell, models)], rows)
+        kind = "classes" if task == "multiclass" else "findings"
+        lines += markdown_table(["Dataset", "n", kind, *map(format_cell, models)], rows)
     return lines
 
 
@@ -85,7 +88,7 @@ def _headline(result: dict, key: str) -> tuple[float | None, list[float] | None]
 
 def _mark(cells: list[tuple[float | None, list[float] | None]]) -> list[str]:
     """Cells as `61.2 [59.0, 63.4]`, the best in bold where its lower bound is above every other upper bound."""
-    text = [_pct_ci(value, ci) for value, ci in cells]
+    text = [format_pct_ci(value, ci) for value, ci in cells]
     scored = [i for i, (value, ci) in enumerate(cells) if value is not None and ci is not None]
     if len(scored) > 1:
         best = max(scored, key=lambda i: cells[i][0])
@@ -106,36 +109,39 @@ def _details(benchmark: dict) -> list[str]:
             rows = []
             for model, r in results.items():
                 e = r["ensemble"]
-                row = [_cell(model), _pct_ci(r["top1"], r["ci95"]["top1"]), _pct_ci(e["top1"], e["ci95"]["top1"]),
-                       _pct_ci(e["top3"], e["ci95"]["top3"]), _pct_ci(e["macro_f1"], e["ci95"]["macro_f1"]),
-                       _pct_ci(e["balanced_accuracy"], e["ci95"]["balanced_accuracy"])]
+                row = [format_cell(model), format_pct_ci(r["top1"], r["ci95"]["top1"]),
+                       format_pct_ci(e["top1"], e["ci95"]["top1"]),
+                       format_pct_ci(e["top3"], e["ci95"]["top3"]), format_pct_ci(e["macro_f1"], e["ci95"]["macro_f1"]),
+                       format_pct_ci(e["balanced_accuracy"], e["ci95"]["balanced_accuracy"])]
                 if probe:
                     full = r.get("probe", {}).get("full")
-                    row.append(_pct_ci(full["top1"], full["ci95"]["top1"]) if full else "—")
+                    row.append(format_pct_ci(full["top1"], full["ci95"]["top1"]) if full else "—")
                 rows.append(row)
-            lines += _table(header + (["Linear probe top-1 %"] if probe else []), rows)
+            lines += markdown_table(header + (["Linear probe top-1 %"] if probe else []), rows)
             lines.append("Top-3 and the others are the prompt ensemble's. Majority class: "
-                         f"{_pct(next(iter(results.values()))['majority_rate'])}% of the rows.")
+                         f"{format_pct(next(iter(results.values()))['majority_rate'])}% of the rows.")
             lines.append("")
         else:
-            rows = [[_cell(m), _pct_ci(r["macro_auroc"], r["ci95"]["macro_auroc"]),
-                     _pct_ci(r["ensemble"]["macro_auroc"], r["ensemble"]["ci95"]["macro_auroc"]),
-                     _pct_ci(r["ensemble"]["map"], r["ensemble"]["ci95"]["map"]),
+            rows = [[format_cell(m), format_pct_ci(r["macro_auroc"], r["ci95"]["macro_auroc"]),
+                     format_pct_ci(r["ensemble"]["macro_auroc"], r["ensemble"]["ci95"]["macro_auroc"]),
+                     format_pct_ci(r["ensemble"]["map"], r["ensemble"]["ci95"]["map"]),
                      str(r["ensemble"]["redrawn_resamples"])] for m, r in results.items()]
-            lines += _table(["Model", "Macro AUROC % (1 prompt pair)", "Macro AUROC % (ensemble)", "mAP % (ensemble)",
-                             "redrawn resamples"], rows)
+            lines += markdown_table(["Model", "Macro AUROC % (1 prompt pair)", "Macro AUROC % (ensemble)",
+                                     "mAP % (ensemble)", "redrawn resamples"], rows)
             first = next(iter(results.values()))["ensemble"]
             finding_rows = []
             for name in first["findings"]:
                 cells = []
                 for r in results.values():
                     entry = r["ensemble"]["per_class"][name]
-                    cells.append((entry["auroc"], entry["ci95"]["auroc"]) if entry["auroc"] is not None else (None, None))
+                    defined = entry["auroc"] is not None
+                    cells.append((entry["auroc"], entry["ci95"]["auroc"]) if defined else (None, None))
                 text = _mark(cells)
                 if first["per_class"][name]["auroc"] is None:
                     text = [f"undefined ({first['per_class'][name]['undefined']})"] * len(text)
-                finding_rows.append([_cell(name), str(first["per_class"][name]["n_positive"]), *text])
-            lines += _table(["Finding (ensemble AUROC %)", "positives", *map(_cell, results)], finding_rows)
+                finding_rows.append([format_cell(name), str(first["per_class"][name]["n_positive"]), *text])
+            lines += markdown_table(["Finding (ensemble AUROC %)", "positives", *map(format_cell, results)],
+                                    finding_rows)
             lines.append("A resample in which a finding has no positive (or no negative) row is redrawn; undefined "
                          "findings (no positive or no negative row at all) are left out of the macro means.")
             lines.append("")
@@ -149,16 +155,20 @@ def _calibration(benchmark: dict, figure: str | None) -> list[str]:
         cells = []
         for model in models:
             c = benchmark["results"][model][dataset]["calibration"]
-            cell = _pct(c["ece"])
+            cell = format_pct(c["ece"])
             if c.get("temperature"):
-                cell += f" → {_pct(c['ece_calibrated'])} (T = {c['temperature']:.2f})"
+                bound = c["temperature"] >= TEMPERATURE_RANGE[1] * 0.999  # the fit flattened the scores
+                note = ", the bound" if bound else ""
+                cell += f" → {format_pct(c['ece_calibrated'])} (T = {c['temperature']:.2f}{note})"
             cells.append(cell)
-        rows.append([_cell(dataset), *cells])
+        rows.append([format_cell(dataset), *cells])
     lines = ["## Calibration", "",
              "Expected calibration error % of the prompt ensemble's zero-shot probabilities (15 equal-width "
              "confidence bins; multilabel: every finding of every row as a two-way positive/negative choice). "
-             "With `--calibrate`: after the arrow, the ECE with a temperature fitted on the dataset's val split.", ""]
-    lines += _table(["Dataset", *map(_cell, models)], rows)
+             "With `--calibrate`: after the arrow, the ECE with a temperature fitted on the dataset's val split; "
+             f"T at the bound ({TEMPERATURE_RANGE[1]:g}) means the val split found the scores uninformative and the "
+             "fit flattened them to near-uniform probabilities.", ""]
+    lines += markdown_table(["Dataset", *map(format_cell, models)], rows)
     if figure:
         lines += [f"![reliability diagrams]({figure})", ""]
     return lines
@@ -174,7 +184,7 @@ def _skipped(benchmark: dict) -> list[str]:
         for model in benchmark["models"]:
             unreadable = benchmark["results"][model][dataset].get("unreadable_images")
             if unreadable:
-                parts.append(f"{len(unreadable)} unreadable images ({_cell(model)})")
+                parts.append(f"{len(unreadable)} unreadable images ({format_cell(model)})")
         if parts:
-            items.append(f"- {_cell(dataset)}: " + ", ".join(parts))
+            items.append(f"- {format_cell(dataset)}: " + ", ".join(parts))
     return ["## Rows left out", ""] + items + [""] if items else []

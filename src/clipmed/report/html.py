@@ -113,7 +113,7 @@ def _markdown_to_html(text: str, out_dir: Path) -> str:
             i += 1
         elif line.startswith("|"):
             block, i = _take(lines, i, lambda ln: ln.startswith("|"))
-            html.append(_table(block))
+            html.append(_html_table(block))
         elif line.startswith("- "):
             block, i = _take(lines, i, lambda ln: ln.startswith("- "))
             html.append("<ul>\n" + "".join(f"<li>{_inline(item[2:])}</li>\n" for item in block) + "</ul>")
@@ -135,7 +135,7 @@ def _take(lines: list[str], start: int, belongs: Callable[[str], bool]) -> tuple
     return lines[start:end], end
 
 
-def _table(rows: list[str]) -> str:
+def _html_table(rows: list[str]) -> str:
     if len(rows) > 1 and _TABLE_RULE.match(rows[1]):
         rows = rows[:1] + rows[2:]
     header, *body = [[cell.strip() for cell in _CELL_SPLIT.split(row.strip())[1:-1]] for row in rows]

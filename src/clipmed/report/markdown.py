@@ -96,7 +96,7 @@ def _counts(counts: dict) -> list[str]:
 
 
 def _count_list(counts: dict) -> str:
-    return ", ".join(f"{_cell(str(key).replace('_', ' '))} {value:,}" for key, value in counts.items())
+    return ", ".join(f"{format_cell(str(key).replace('_', ' '))} {value:,}" for key, value in counts.items())
 
 
 def _table1(models: dict, notes: dict) -> list[str]:
@@ -105,11 +105,11 @@ def _table1(models: dict, notes: dict) -> list[str]:
     majority = first["classes"][counts.index(max(counts))]
     rows = [
         [
-            _cell(name),
-            _pct_ci(m["top1"], m["ci95"]["top1"]),
-            _pct_ci(m["top3"], m["ci95"]["top3"]),
-            _pct_ci(m["macro_f1"], m["ci95"]["macro_f1"]),
-            _pct(m["balanced_accuracy"]),
+            format_cell(name),
+            format_pct_ci(m["top1"], m["ci95"]["top1"]),
+            format_pct_ci(m["top3"], m["ci95"]["top3"]),
+            format_pct_ci(m["macro_f1"], m["ci95"]["macro_f1"]),
+            format_pct(m["balanced_accuracy"]),
         ]
         for name, m in models.items()
     ]
@@ -117,14 +117,16 @@ def _table1(models: dict, notes: dict) -> list[str]:
         "## Zero-shot classification (Table 1)",
         "",
         f"Test split: {first['n']:,} images, {len(first['classes'])} classes. The majority class "
-        f"({_cell(majority)}) is {_pct(first['majority_rate'])}% of the test rows: always guessing it scores "
-        f"{_pct(first['majority_rate'])}% top-1 (uniform chance: {_pct(1 / len(first['classes']))}%). "
+        f"({format_cell(majority)}) is {format_pct(first['majority_rate'])}% of the test rows: always guessing it "
+        f"scores {format_pct(first['majority_rate'])}% top-1 "
+        f"(uniform chance: {format_pct(1 / len(first['classes']))}%). "
         "Intervals are 95% bootstrap intervals over test rows."
         + (f" Prompt template: `{first['template']}`." if "template" in first else ""),
         "",
     ]
-    lines += _table(["Model", "Top-1 % [95% CI]", "Top-3 % [95% CI]", "Macro-F1 % [95% CI]", "Balanced acc. %"], rows)
-    lines += [f"- **{_cell(name)}**: {note}" for name, note in notes.items()]
+    lines += markdown_table(["Model", "Top-1 % [95% CI]", "Top-3 % [95% CI]", "Macro-F1 % [95% CI]",
+                             "Balanced acc. %"], rows)
+    lines += [f"- **{format_cell(name)}**: {note}" for name, note in notes.items()]
     return lines + ([""] if notes else [])
 
 
@@ -134,25 +136,25 @@ def _other_label_fields(models: dict, other: dict, label_field: str | None) -> l
     if not fields:
         return []
     sizes = {field: next(r[field] for r in other.values() if field in r) for field in fields}
-    header = ["Model", f"{_cell(label_field or 'label')} top-1 % [95% CI]"] + [
-        f"{_cell(field)} top-1 % [95% CI] (n={sizes[field]['n']}, {len(sizes[field]['classes'])} classes, "
-        f"majority {_pct(sizes[field]['majority_rate'])}%)" for field in fields]
-    rows = [[_cell(name), _pct_ci(m["top1"], m["ci95"]["top1"])]
-            + [_pct_ci(other[name][f]["top1"], other[name][f]["ci95"]["top1"]) if f in other.get(name, {}) else "—"
-               for f in fields] for name, m in models.items()]
+    header = ["Model", f"{format_cell(label_field or 'label')} top-1 % [95% CI]"] + [
+        f"{format_cell(field)} top-1 % [95% CI] (n={sizes[field]['n']}, {len(sizes[field]['classes'])} classes, "
+        f"majority {format_pct(sizes[field]['majority_rate'])}%)" for field in fields]
+    rows = [[format_cell(name), format_pct_ci(m["top1"], m["ci95"]["top1"])]
+            + [format_pct_ci(other[name][f]["top1"], other[name][f]["ci95"]["top1"]) if f in other.get(name, {})
+               else "—" for f in fields] for name, m in models.items()]
     note = ("The same models scored zero-shot on other label fields of the test rows (the rows that have one): a "
             "fine-tuned model that falls towards the majority rate there has forgotten what it was not trained on.")
-    return ["## Other label fields (forgetting)", "", note, ""] + _table(header, rows)
+    return ["## Other label fields (forgetting)", "", note, ""] + markdown_table(header, rows)
 
 
 def _training(runs: dict) -> list[str]:
     """Trainable parameters and training time of every fine-tuned model (WiSE-FT: its chosen mixing weight)."""
     if not runs:
         return []
-    rows = [[_cell(name), "—" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
+    rows = [[format_cell(name), "—" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
              "—" if r["seconds"] is None else _duration(r["seconds"]),
              "" if r.get("wise_ft_alpha") is None else f"a = {r['wise_ft_alpha']:g}"] for name, r in runs.items()]
-    return ["## Training", ""] + _table(["Model", "Trainable parameters", "Training time", "WiSE-FT"], rows)
+    return ["## Training", ""] + markdown_table(["Model", "Trainable parameters", "Training time", "WiSE-FT"], rows)
 
 
 def _per_class(models: dict, with_figure: bool) -> list[str]:
@@ -161,21 +163,22 @@ def _per_class(models: dict, with_figure: bool) -> list[str]:
     if with_figure:
         lines += [f"![Per-class top-1 accuracy]({PER_CLASS_PNG})", ""]
     rows = [
-        [_cell(c), f"{first['per_class'][c]['n']:,}"] + [_pct(m["per_class"][c]["top1"]) for m in models.values()]
+        [format_cell(c), f"{first['per_class'][c]['n']:,}"]
+        + [format_pct(m["per_class"][c]["top1"]) for m in models.values()]
         for c in first["classes"]
     ]
-    return lines + _table(["Class", "Test n"] + [f"{_cell(name)} top-1 %" for name in models], rows)
+    return lines + markdown_table(["Class", "Test n"] + [f"{format_cell(name)} top-1 %" for name in models], rows)
 
 
 def _ensemble(models: dict) -> list[str]:
     rows = [
         [
-            _cell(name),
-            _pct(m["top1"]),
-            _pct_ci(m["ensemble"]["top1"], m["ensemble"]["ci95"]["top1"]),
+            format_cell(name),
+            format_pct(m["top1"]),
+            format_pct_ci(m["ensemble"]["top1"], m["ensemble"]["ci95"]["top1"]),
             f"{100 * (m['ensemble']['top1'] - m['top1']):+.1f}",
-            _pct(m["macro_f1"]),
-            _pct(m["ensemble"]["macro_f1"]),
+            format_pct(m["macro_f1"]),
+            format_pct(m["ensemble"]["macro_f1"]),
         ]
         for name, m in models.items()
         if "ensemble" in m
@@ -184,20 +187,20 @@ def _ensemble(models: dict) -> list[str]:
         return []
     header = ["Model", "Single top-1 %", "Ensemble top-1 % [95% CI]", "Δ top-1 (pts)", "Single macro-F1 %",
               "Ensemble macro-F1 %"]
-    return ["## Prompt ensemble vs single template", ""] + _table(header, rows)
+    return ["## Prompt ensemble vs single template", ""] + markdown_table(header, rows)
 
 
 def _semantic_temperature(runs: dict) -> list[str]:
     """How tau_t, the temperature of the semantic targets softmax(s / tau_t), changes the semantic model."""
     if not runs:
         return []
-    rows = [[_cell(tau), _pct_ci(m["top1"], m["ci95"]["top1"]), _pct_ci(m["top3"], m["ci95"]["top3"]),
-             _pct_ci(m["macro_f1"], m["ci95"]["macro_f1"])] for tau, m in runs.items()]
+    rows = [[format_cell(tau), format_pct_ci(m["top1"], m["ci95"]["top1"]), format_pct_ci(m["top3"], m["ci95"]["top3"]),
+             format_pct_ci(m["macro_f1"], m["ci95"]["macro_f1"])] for tau, m in runs.items()]
     note = ("Same data, schedule and seed; only tau_t changes. A small tau_t makes the targets nearly one-hot on the "
             "texts that share the most concepts; tau_t = 1 is MedCLIP's own code (raw cosine, no temperature), whose "
             "targets stay close to uniform over the batch.")
     return (["## Semantic target temperature", "", note, ""]
-            + _table(["tau_t", "Top-1 % [95% CI]", "Top-3 % [95% CI]", "Macro-F1 % [95% CI]"], rows))
+            + markdown_table(["tau_t", "Top-1 % [95% CI]", "Top-3 % [95% CI]", "Macro-F1 % [95% CI]"], rows))
 
 
 def _probe(models: dict) -> list[str]:
@@ -208,17 +211,17 @@ def _probe(models: dict) -> list[str]:
     rows, skipped = [], []
     for name, p in probes.items():
         full = p["full"]
-        row = [_cell(name), f"{full['n_train']:,}", _pct_ci(full["top1"], full["ci95"]["top1"]),
-               _pct_ci(full["macro_f1"], full["ci95"]["macro_f1"])]
+        row = [format_cell(name), f"{full['n_train']:,}", format_pct_ci(full["top1"], full["ci95"]["top1"]),
+               format_pct_ci(full["macro_f1"], full["ci95"]["macro_f1"])]
         for k in shots:
             cell = p["k_shot"].get(k)
             if cell is None:
                 row.append("—")
             elif "skipped" in cell:
                 row.append("skipped")
-                skipped.append(f"- {_cell(name)}, {k}-shot skipped: {cell['skipped']}")
+                skipped.append(f"- {format_cell(name)}, {k}-shot skipped: {cell['skipped']}")
             else:
-                row.append(f"{_pct(cell['top1_mean'])} ± {_pct(cell['top1_std'])}")
+                row.append(f"{format_pct(cell['top1_mean'])} ± {format_pct(cell['top1_std'])}")
         rows.append(row)
     header = ["Model", "Train n", "Full top-1 % [95% CI]", "Full macro-F1 % [95% CI]"]
     header += [f"{k}-shot top-1 %" for k in shots]
@@ -226,7 +229,7 @@ def _probe(models: dict) -> list[str]:
     intro = "Logistic regression on frozen image embeddings, C chosen on the train split only."
     if draws:
         intro += f" k-shot: k train images per class, mean ± std over {', '.join(map(str, draws))} random draws."
-    return ["## Linear probe", "", intro, ""] + _table(header, rows) + skipped + ([""] if skipped else [])
+    return ["## Linear probe", "", intro, ""] + markdown_table(header, rows) + skipped + ([""] if skipped else [])
 
 
 def _retrieval(models: dict) -> list[str]:
@@ -234,7 +237,7 @@ def _retrieval(models: dict) -> list[str]:
     if not results:
         return []
     lines = ["## Retrieval", ""]
-    lines += [f"- {_cell(name)}: mean R@1 over both directions {_pct(r['mean_recall_at_1'])}%"
+    lines += [f"- {format_cell(name)}: mean R@1 over both directions {format_pct(r['mean_recall_at_1'])}%"
               for name, r in results.items()]
     lines.append("")
     ks = sorted({k for r in results.values() for k in r["ks"]})
@@ -244,9 +247,9 @@ def _retrieval(models: dict) -> list[str]:
         rows = []
         for name, r in results.items():
             d = r[key]
-            row = [_cell(name), f"{d['n_queries']:,}"] + [_at(d, "recall", k) for k in ks]
+            row = [format_cell(name), f"{d['n_queries']:,}"] + [_at(d, "recall", k) for k in ks]
             rows.append(row + ([_at(d, "precision", k) for k in ks] if with_precision else []))
-        lines += [f"### {title}", ""] + _table(header, rows)
+        lines += [f"### {title}", ""] + markdown_table(header, rows)
     note = "R@K: the paired item is in the top K. P@K: share of the top K with the query's label. "
     return lines + [note + "Brackets: 95% bootstrap intervals over queries.", ""]
 
@@ -255,7 +258,7 @@ def _at(direction: dict, kind: str, k: int) -> str:
     """One R@K / P@K cell, with its interval when the metrics carry one."""
     value = direction.get(f"{kind}_at", {}).get(str(k))
     ci = direction.get("ci95", {}).get(f"{kind}@{k}")
-    return _pct(value) if ci is None else _pct_ci(value, ci)
+    return format_pct(value) if ci is None else format_pct_ci(value, ci)
 
 
 def _benchmark(benchmark: dict | None) -> list[str]:
@@ -292,19 +295,19 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f} s"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
-def _pct(value: float | None) -> str:
+def format_pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
-def _pct_ci(value: float | None, ci: list[float] | None) -> str:
-    return _pct(value) if ci is None else f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]"
+def format_pct_ci(value: float | None, ci: list[float] | None) -> str:
+    return format_pct(value) if ci is None else f"{format_pct(value)} [{format_pct(ci[0])}, {format_pct(ci[1])}]"
 
 
-def _cell(text: str) -> str:
+def format_cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
