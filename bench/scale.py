@@ -432,15 +432,26 @@ def main() -> None:
     started = time.time()
 
     source = roco_rows()
-    sets = []
+    sets: list[dict] = []
+    results = {"mode": mode, "settings": settings, "sets": sets, "complete": False, "cpu_model": _cpu_model(),
+               "cpus": os.cpu_count(), "loadavg_before": list(load_before), "commit": _commit(),
+               "memory": "peak summed RSS of the command's process tree, sampled every 0.2 s (psutil)"}
+
+    def save(**figures) -> None:
+        """Results so far (a stopped bench keeps its finished steps; "complete" says whether it ran to the end)."""
+        results.update(figures, loadavg_after=list(os.getloadavg()), total_s=round(time.time() - started, 1))
+        write_results(out, results)
+
     for i, n in enumerate(settings["sizes"]):
         data = linked_set(scratch, n, source)
         sets.append({"name": f"linked {n}",
                      **measure_set(tools, f"linked-{n}", data, n, work, settings,
                                    with_index=i in (0, len(settings["sizes"]) - 1))})
+        save()
     large = large_set(scratch, settings["large"], source)
     large_figures = {"name": f"{LARGE_SIDE}px {settings['large']}",
                      **measure_set(tools, "large", large, settings["large"], work, settings, with_index=False)}
+    save(large_images=large_figures)
     metadata = None
     if tools.has("prepare", "--no-image-check"):
         data = metadata_set(scratch, settings["metadata_rows"])
@@ -448,20 +459,12 @@ def main() -> None:
         metadata = {"name": f"metadata-only {settings['metadata_rows']}", "rows": settings["metadata_rows"],
                     "prepare": prepare(tools, data, work / "prepared-metadata", work / "logs" / "metadata.log",
                                        workers=None, metadata_only=True)}
+        save(metadata_only=metadata)
 
     print(f"[{time.strftime('%H:%M:%S')}] evaluation metrics", flush=True)
     metrics = evaluation_metrics(tools, work, settings["metric_rows"], settings["retrieval_pairs"])
-
     checks = targets(sets, metadata)
-    results = {
-        "mode": mode, "settings": settings, "sets": sets, "large_images": large_figures, "metadata_only": metadata,
-        "evaluation_metrics": metrics,
-        "targets": checks, "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
-        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-        "total_s": round(time.time() - started, 1), "commit": _commit(),
-        "memory": "peak summed RSS of the command's process tree, sampled every 0.2 s (psutil)",
-    }
-    write_results(out, results)
+    save(evaluation_metrics=metrics, targets=checks, complete=True)
 
     header = ["set", "rows", "prepare s", "prep MiB", "prep 1w s", "store s", "store 1w s", "1st step s",
               "pairs/s", "wait", "train MiB", "index MiB", "embed MiB"]

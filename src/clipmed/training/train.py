@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .distributed import World, init_world
 from .features import LockedFeatures
 from .logging import RunLogger
+from .memory import PeakMemory
 from .optim import build_optimizer, load_optimizer_state, warmup_cosine
 from .step import StepRunner
 from .validation import validation_scores
@@ -156,13 +157,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         config = TrainConfig.from_dict({**saved["config"], "out": str(run)})
     device = check_device(config.device)  # before any model loads
     world = init_world(config.device)
-    with FileLock(run, what="clipmed train") if world.is_main else nullcontext():
-        return _train(config, run, world, device, saved if resume else None, progress=progress)
+    with FileLock(run, what="clipmed train") if world.is_main else nullcontext(), PeakMemory(device) as memory:
+        return _train(config, run, world, device, saved if resume else None, memory, progress=progress)
 
 
-def _train(config: TrainConfig, run: Path, world: World, device: torch.device, saved: dict | None, *,
-           progress: bool) -> Path:
-    """The run itself, under the run folder's lock; `saved` is run.json of the run being resumed (None: a new run)."""
+def _train(config: TrainConfig, run: Path, world: World, device: torch.device, saved: dict | None,
+           memory: PeakMemory, *, progress: bool) -> Path:
+    """The run itself, under the run folder's lock; `saved` is run.json of the run being resumed (None: a new run);
+    `memory` samples the peak memory that run.json reports."""
     resume = saved is not None
     checkpoints = run / "checkpoints"
     if not resume and (run / "run.json").exists():
@@ -320,7 +322,7 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         _write_run_json(run, config, prepared, model, groups, rows, world, status="done",
                         extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step,
                                "seconds": round(time.time() - started, 1), "unreadable_images": unreadable,
-                               "machine": machine_record, **trainable})
+                               "machine": machine_record, **trainable, **memory.figures()})
     return run
 
 
@@ -332,7 +334,6 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
         model.set_grad_checkpointing(True)
     apply_to_model(model, choices)  # before the locked-tower cache, so that it computes what training would
     fingerprint = prepared.manifest["source"]["fingerprint"]
-    apply_to_model(model, choices)  # before the feature cache: cached features must be what a step computes
 
     def features(side: str, inputs: list) -> LockedFeatures:
         """Rank 0 computes and caches the features, then every rank loads them (one computation per run)."""

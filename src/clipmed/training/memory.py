@@ -1,0 +1,65 @@
+"""Peak memory of a training run, for run.json: users compare methods (LoRA, accumulation, checkpointing) by it.
+
+`ru_maxrss` is the peak of the whole process's life, so a second run in one process (reproduce) would report the
+first one's peak; a sampler thread instead records the largest resident set of this process and its children (the
+loader workers) while the run trains. On CUDA, torch's own peak of allocated bytes is reported beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+import torch
+
+SAMPLE_S = 0.2
+MIB = 1024 * 1024
+
+
+def tree_rss() -> int:
+    """Resident bytes of this process and all its children."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # a worker that exited between the listing and the read
+            pass
+    return total
+
+
+class PeakMemory:
+    """A context manager: `.figures()` gives the peak summed RSS (MiB) seen while it was open, sampled every
+    `interval` seconds and once at the start and end, plus the CUDA peak where `device` is a GPU."""
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = SAMPLE_S) -> None:
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="clipmed-peak-memory")
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.peak = tree_rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss())
+
+    def figures(self) -> dict:
+        """{"peak_rss_mib": ..., "peak_cuda_mib": ... (GPU runs only)} as far as sampled so far."""
+        figures = {"peak_rss_mib": round(max(self.peak, tree_rss()) / MIB, 1)}
+        if self.device.type == "cuda":
+            figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(self.device) / MIB, 1)
+        return figures
