@@ -203,12 +203,6 @@ def _cores() -> int:
     return max(1, min(available, _TORCH_DEFAULT_THREADS))
 
 
-def apply_to_model(model, choices: Choices) -> None:
-    """A ClipModel's share of the choices: its attention kernel and its image tower's layout."""
-    model.select_attention(choices.attention)
-    model.set_speed(channels_last=choices.memory_format == "channels_last", fuse_conv_bn=choices.fuse_conv_bn)
-
-
 def apply_threads(choices: Choices) -> None:
     """Set torch's intra-op thread count to the chosen one."""
     if torch.get_num_threads() != choices.threads:
