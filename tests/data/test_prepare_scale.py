@@ -153,7 +153,7 @@ def test_label_case_variants_merge_and_the_policy_is_recorded(tmp_path, kit):
     assert any("merged label spellings 'CHEST', 'chest' into 'Chest'" in w for w in summary["warnings"])
     prepared = load_prepared(tmp_path / "out")
     assert prepared.manifest["labels"] == {"case_sensitive": False, "merged": {"CHEST": "Chest", "chest": "Chest"}}
-    assert prepared.by_id["id0008"].label == prepared.by_id["id0011"].label == "Chest"
+    assert prepared.record("id0008").label == prepared.record("id0011").label == "Chest"
     dropped = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert [entry["id"] for entry in dropped] == ["id0022", "id0023"]
     assert dropped[0]["reason"] == ("label 'Dental' has 2 usable rows, under --min-class-count 5 "
@@ -168,5 +168,5 @@ def test_label_case_variants_merge_and_the_policy_is_recorded(tmp_path, kit):
     legacy = {key: value for key, value in manifest.items() if key not in ("ids", "complete", "labels")}
     (tmp_path / "legacy").mkdir()
     (tmp_path / "legacy" / "split.json").write_text(json.dumps(dict(legacy, format_version=1)))
-    by_id = load_prepared(tmp_path / "legacy").by_id
-    assert by_id["id0008"].label == "chest" and by_id["id0011"].label is None
+    legacy = load_prepared(tmp_path / "legacy")
+    assert legacy.record("id0008").label == "chest" and legacy.record("id0011").label is None

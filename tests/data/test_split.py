@@ -315,7 +315,7 @@ def test_paths_outside_the_dataset_are_rejected_and_the_policy_recorded(tmp_path
     prepared = load_prepared(tmp_path / "allowed")
     assert prepared.manifest["allow_outside_paths"] is True
     assert {entry["uses"] for entry in _rejected(tmp_path / "allowed")} == {"unlabeled"}
-    assert prepared.by_id["escape"].image_path == str(outside)
+    assert prepared.record("escape").image_path == str(outside)
 
 
 def test_validation_indices_are_those_of_the_source_records(tmp_path, dirty):

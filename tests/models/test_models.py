@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipmed.errors import ClipmedError
-from clipmed.models import DualEncoderCLIP, HFCLIP, load_model, model_dir
+from clipmed.models import DualEncoderCLIP, HFCLIP, base, load_model, model_dir
 from helpers import tiny_dual
 
 TEXTS = ["A medical image of Chest", "axial CT of the abdomen showing a large hypodense mass in the liver"]
@@ -51,6 +51,15 @@ def test_dual_tokenizer_pads_to_multiple_of_eight_and_counts_truncation():
     long_caption = "mass " * 200
     assert model.count_truncated([long_caption, "short"]) == 1
     assert model.tokenize([long_caption])["input_ids"].shape[1] == model.context_length
+
+
+def test_truncation_is_counted_in_chunks_with_the_same_result(monkeypatch):
+    """A caption pool is tokenized a chunk at a time (memory bounded); chunk edges change no count."""
+    model = tiny_dual()
+    texts = ["mass " * 200, "short", "effusion " * 150, "a", "b", "nodule " * 300, "c"]
+    whole = model.count_truncated(texts)
+    monkeypatch.setattr(base, "TOKEN_COUNT_CHUNK", 2)
+    assert model.count_truncated(texts) == whole == 3
 
 
 def test_parameter_info_separates_towers_heads_and_no_decay():

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..processes import worker_context
 from .images import open_rgb
 from .records import Record
 from .store import INTERPOLATION, ImageStore, StoreOptions, open_store, resize_shorter
@@ -163,7 +164,8 @@ def loader(dataset: Dataset, batches: Iterable[list], *, workers: int | None = N
     # Its own generator: a DataLoader draws its workers' base seed from it, which must not advance the global RNG
     # (dropout): a resumed run creates its loaders at other moments than the run it continues.
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=torch.Generator(),
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda",
+                      multiprocessing_context=worker_context() if workers else None)
 
 
 def pixel_batches(paths: Sequence[str], size: int, interpolation: str, *, batch_size: int,

@@ -18,7 +18,6 @@ PIL's `LOAD_TRUNCATED_IMAGES` stays False: a truncated JPEG is rejected, never p
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 import warnings
@@ -33,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipmed.errors import ClipmedError
 from clipmed.io import read_json, write_json_atomic
+from clipmed.processes import worker_context
 
 # PIL's own default limit (about 89.5 million pixels, a 1 GiB RGB buffer / 3 / 4).
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
@@ -178,7 +178,7 @@ class ImageChecks:
         self._paths.append(path)
         if len(self._paths) >= self.chunk:
             if self._pool is None and self.workers > 1:
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=worker_context())
             self._submit()
         yield from self._drain(wait=len(self._queue) > self._ahead)
 

@@ -45,16 +45,18 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from clipmed.cache import cache_key
 from clipmed.data.images import ImageChecks, default_workers
 from clipmed.data.labels import DEFAULT_MIN_CLASS_COUNT, LabelSet, clean_labels, normalise_label, strip_label
-from clipmed.data.records import FieldMap, Record
+from clipmed.data.records import FieldMap, Record, RecordTable
 from clipmed.data.sources import LoadedSource, load_source
 from clipmed.errors import ClipmedError
 from clipmed.io import atomic_write, read_json, write_json_atomic
@@ -523,28 +525,37 @@ def _classes_of(loaded: LoadedSource, checked: Validation, fields: FieldMap, cla
 class PreparedData:
     """A prepared split with its source re-loaded: records per split carry the clean label (or None).
 
-    `manifest` is split.json with the id lists (``splits``, ``text_only``, ``image_only``) filled in.
+    `manifest` is split.json with the id lists (``splits``, ``text_only``, ``image_only``) filled in; `table`
+    holds every listed row once, column-wise, and `positions` each list's rows in it (manifest order).
     """
 
     directory: Path
     manifest: dict
     classes: list[str]
     source: LoadedSource
-    by_id: dict[str, Record]
+    table: RecordTable
+    positions: dict[str, np.ndarray]
 
-    def records(self, split: str) -> list[Record]:
+    def records(self, split: str) -> RecordTable:
         """The records of `split` (train, val, test or pool), in the manifest's (sorted) order."""
         if split not in SPLITS:
             raise ClipmedError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
-        return [self.by_id[rid] for rid in self.manifest["splits"][split]]
+        return self.table.take(self.positions[split])
 
-    def text_only_records(self) -> list[Record]:
+    def text_only_records(self) -> RecordTable:
         """Rows whose image is unusable but whose caption is fine (text-only objectives)."""
-        return [self.by_id[rid] for rid in self.manifest["text_only"]]
+        return self.table.take(self.positions["text_only"])
 
-    def image_only_records(self) -> list[Record]:
+    def image_only_records(self) -> RecordTable:
         """Rows whose caption is unusable but whose image is fine (image-only rows of decoupled batches)."""
-        return [self.by_id[rid] for rid in self.manifest["image_only"]]
+        return self.table.take(self.positions["image_only"])
+
+    def record(self, rid: str) -> Record:
+        """The listed row with id `rid` (a KeyError for an id no list of the split holds)."""
+        (position,) = self.table.positions_of([rid])
+        if position < 0:
+            raise KeyError(rid)
+        return self.table[int(position)]
 
     def label_index(self, record: Record) -> int:
         """The class index of a labeled record (ValueError for an unlabeled one)."""
@@ -570,7 +581,6 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if manifest.get("complete") is not True or not ids.is_file() or _sha256(ids) != manifest["ids"]["sha256"]:
         raise ClipmedError(f"{path} belongs to an unfinished or interrupted prepare (its {ids.name} is missing or "
                            f"does not match); run `clipmed prepare` again with --out {directory}")
-    import numpy as np
     import pyarrow.parquet as pq
 
     table = pq.read_table(ids)
@@ -615,16 +625,22 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
     clean = _label_cleaner(manifest)
     wanted = {rid for ids in manifest["splits"].values() for rid in ids}
     wanted.update(manifest["text_only"], manifest["image_only"])
-    by_id: dict[str, Record] = {}
-    for row in loaded.rows():
-        record = row.record
-        if record is not None and record.id in wanted and record.id not in by_id:  # duplicates: the first counts
-            by_id[record.id] = dataclasses.replace(record, label=clean(record.label), group=strip_label(record.group))
-    missing = [rid for rid in wanted if rid not in by_id]
-    if missing:
-        raise ClipmedError(f"{directory / 'split.json'}: {len(missing)} ids (e.g. {sorted(missing)[0]}) are not in "
+
+    def listed() -> Iterator[Record]:
+        """The first row of each listed id (duplicates: the first counts), its label cleaned."""
+        for row in loaded.rows():
+            record = row.record
+            if record is not None and record.id in wanted:
+                wanted.discard(record.id)
+                yield dataclasses.replace(record, label=clean(record.label), group=strip_label(record.group))
+
+    table = RecordTable.from_records(listed())
+    if wanted:
+        raise ClipmedError(f"{directory / 'split.json'}: {len(wanted)} ids (e.g. {sorted(wanted)[0]}) are not in "
                            f"{source['path']}; re-run `clipmed prepare`")
-    return PreparedData(directory, manifest, list(manifest["classes"]), loaded, by_id)
+    lists = {**manifest["splits"], "text_only": manifest["text_only"], "image_only": manifest["image_only"]}
+    positions = {name: table.positions_of(ids) for name, ids in lists.items()}
+    return PreparedData(directory, manifest, list(manifest["classes"]), loaded, table, positions)
 
 
 def load_for_evaluation(source: str, *, fmt: str | None = None, fields: FieldMap = _DEFAULT_FIELDS,

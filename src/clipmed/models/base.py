@@ -58,9 +58,14 @@ def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:
     switch()
 
 
-def count_truncated(tokenizer, texts: Sequence[str], context_length: int) -> int:
-    """How many texts are longer than the context and get cut."""
-    return sum(len(ids) > context_length for ids in tokenizer(list(texts), truncation=False)["input_ids"])
+def hf_token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens per text before truncation, special tokens included, as a Hugging Face tokenizer counts them."""
+    return [len(ids) for ids in tokenizer(texts, truncation=False, return_attention_mask=False)["input_ids"]]
+
+
+# Texts tokenized at a time when counting lengths: a whole caption pool at once holds every text's encoding
+# (kilobytes each), so memory would grow with the dataset.
+TOKEN_COUNT_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,13 @@ class ClipModel(nn.Module):
         raise NotImplementedError
 
     def count_truncated(self, texts: Sequence[str]) -> int:
-        """How many texts exceed the text tower's context and get cut."""
+        """How many texts exceed the text tower's context and get cut (tokenized in chunks: constant memory)."""
+        texts = list(texts)
+        return sum(length > self.context_length for start in range(0, len(texts), TOKEN_COUNT_CHUNK)
+                   for length in self.token_lengths(texts[start:start + TOKEN_COUNT_CHUNK]))
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Tokens per text before truncation, special tokens included, counted as the tokenizer counts them."""
         raise NotImplementedError
 
     def save(self, directory: str | Path) -> None:

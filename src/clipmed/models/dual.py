@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ..errors import ClipmedError, first_line
 from ..io import atomic_write, write_json_atomic
-from .base import (ClipModel, ImagePreprocess, Origin, Tower, check_tensor_shapes, count_truncated, set_hf_checkpointing,
+from .base import (ClipModel, ImagePreprocess, Origin, Tower, check_tensor_shapes, hf_token_lengths, set_hf_checkpointing,
                    tokenize_padded)
 
 DEFAULT_SPEC = "dual:efficientnet-lite0+minilm"
@@ -228,8 +228,8 @@ class DualEncoderCLIP(ClipModel):
     def context_length(self) -> int:
         return self.config.context_length
 
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        return count_truncated(self.tokenizer, texts, self.context_length)
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        return hf_token_lengths(self.tokenizer, texts)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ClipmedError, first_line
 from ..io import write_json_atomic
-from .base import (ClipModel, ImagePreprocess, Origin, Tower, check_tensor_shapes, count_truncated, set_hf_checkpointing,
+from .base import (ClipModel, ImagePreprocess, Origin, Tower, check_tensor_shapes, hf_token_lengths, set_hf_checkpointing,
                    tokenize_padded)
 from .clip_pooling import supports_pooled_forward, text_pooled, vision_pooled
 
@@ -89,8 +89,8 @@ class HFCLIP(ClipModel):
     def context_length(self) -> int:
         return self._context_length
 
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        return count_truncated(self.processor.tokenizer, texts, self.context_length)
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        return hf_token_lengths(self.processor.tokenizer, texts)
 
     def _tower_and_origin(self, name: str) -> tuple[Tower, Origin]:
         inner = name.removeprefix("model.")

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ClipmedError, first_line
 from ..io import atomic_write, read_json, write_json_atomic
-from .base import ClipModel, ImagePreprocess, Origin, Tower
+from .base import ClipModel, ImagePreprocess, Origin, Tower, hf_token_lengths
 
 MARKER = "clipmed_openclip.json"
 CONFIG_NAME = "open_clip_config.json"
@@ -114,7 +114,7 @@ class OpenCLIP(ClipModel):
         length; the attention mask marks the real tokens, as the other families' tokenizers do."""
         texts = list(texts)
         ids = self.tokenizer(texts)
-        real = torch.tensor(self._token_lengths(texts)).clamp(max=ids.shape[1])
+        real = torch.tensor(self.token_lengths(texts)).clamp(max=ids.shape[1])
         mask = (torch.arange(ids.shape[1]).unsqueeze(0) < real.unsqueeze(1)).long()
         return {"input_ids": ids, "attention_mask": mask}
 
@@ -122,16 +122,11 @@ class OpenCLIP(ClipModel):
     def context_length(self) -> int:
         return int(self.tokenizer.context_length)
 
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        return sum(length > self.context_length for length in self._token_lengths(list(texts)))
-
-    def _token_lengths(self, texts: list[str]) -> list[int]:
-        """Tokens per text before truncation, special tokens included, counted as the tokenizer counts them."""
+    def token_lengths(self, texts: list[str]) -> list[int]:
         if self._bpe:
             return [len(self.tokenizer.encode(text)) + 2 for text in texts]  # + start and end of text
         clean = getattr(self.tokenizer, "clean_fn", str)  # the Hugging Face wrappers clean text first
-        encoded = self.tokenizer.tokenizer([clean(text) for text in texts], truncation=False)["input_ids"]
-        return [len(ids) for ids in encoded]
+        return hf_token_lengths(self.tokenizer.tokenizer, [clean(text) for text in texts])
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
 

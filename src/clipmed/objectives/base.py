@@ -6,6 +6,7 @@ The loop (`training/train.py`, `training/step.py`) only calls these; `objectives
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data.records import Record
+from ..data.records import Record, RecordTable, TextColumn
 from ..data.split import PreparedData
 
 # How a checkpoint is chosen on the validation split: "retrieval" (image<->caption recall@1, needs no labels)
@@ -25,21 +26,21 @@ Selection = Literal["retrieval", "zero_shot"]
 class TrainingRows:
     """What one objective trains on, row by row.
 
-    texts: the text of each row (caption or label prompt), None for an image-only row; has_image: False for a
-    text-only row (its image was rejected by prepare); labels: class indices (label objective); concepts:
-    concept vectors (semantic objective).
+    records: the rows, column-wise (a RecordTable: compact at a million rows); texts: the text of each row
+    (caption or label prompt), None for an image-only row; has_image: False for a text-only row (its image was
+    rejected by prepare); labels: class indices (label objective); concepts: concept vectors (semantic objective).
     """
 
-    records: list[Record]
-    texts: list[str | None]
+    records: RecordTable
+    texts: Sequence[str | None]
     has_image: list[bool]
     classes: list[str]
     labels: torch.Tensor | None = None
     concepts: torch.Tensor | None = None
 
     def subset(self, keep: list[int]) -> "TrainingRows":
-        pick = lambda values: [values[i] for i in keep]  # noqa: E731
-        return TrainingRows(pick(self.records), pick(self.texts), pick(self.has_image), self.classes,
+        texts = self.texts.take(keep) if isinstance(self.texts, TextColumn) else [self.texts[i] for i in keep]
+        return TrainingRows(self.records.take(keep), texts, [self.has_image[i] for i in keep], self.classes,
                             self.labels[keep] if self.labels is not None else None,
                             self.concepts[keep] if self.concepts is not None else None)
 
@@ -63,13 +64,13 @@ class Batch:
 def caption_rows(prepared: PreparedData) -> TrainingRows:
     """Image-caption pairs of the caption pool (train plus every usable row outside val/test)."""
     records = prepared.records("pool")
-    return TrainingRows(records, [r.caption for r in records], [True] * len(records), prepared.classes)
+    return TrainingRows(records, records.column("caption"), [True] * len(records), prepared.classes)
 
 
 def pair_batch(rows: TrainingRows, index: torch.Tensor) -> Batch:
     """Rows `index` as image-text pairs, the i-th image with the i-th text."""
     picked = index.tolist()
-    return Batch([rows.records[i] for i in picked], [rows.texts[i] for i in picked])
+    return Batch(list(rows.records.take(picked)), [rows.texts[i] for i in picked])
 
 
 class Objective:

@@ -71,7 +71,7 @@ class Label(Objective):
         # A batch holds few distinct prompts: encode each once (the loss indexes them per image).
         distinct, prompt_index = rows.labels[index].unique(return_inverse=True)
         prompts = [config.label_template.format(label=rows.classes[c]) for c in distinct.tolist()]
-        return Batch([rows.records[i] for i in index.tolist()], prompts, {"prompt_index": prompt_index},
+        return Batch(list(rows.records.take(index.tolist())), prompts, {"prompt_index": prompt_index},
                      texts_sharded=False)
 
     def loss(self, config: Any, model: nn.Module) -> nn.Module:

@@ -91,7 +91,7 @@ class Semantic(Objective):
         with_image = [i for i in picked if rows.has_image[i]]
         with_text = [i for i in picked if rows.texts[i] is not None]
         column = {row: position for position, row in enumerate(with_text)}
-        return Batch([rows.records[i] for i in with_image], [rows.texts[i] for i in with_text],
+        return Batch(list(rows.records.take(with_image)), [rows.texts[i] for i in with_text],
                      {"image_concepts": rows.concepts[with_image], "text_concepts": rows.concepts[with_text],
                       "pair_index": torch.tensor([column.get(i, -1) for i in with_image])})
 

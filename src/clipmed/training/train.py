@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy
 import torch
@@ -94,34 +94,36 @@ def save_model_atomically(model: ClipModel, run: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _open_images(rows: TrainingRows, val: list[Record], model: ClipModel, config: TrainConfig, world: World,
+def _open_images(rows: TrainingRows, val: Sequence[Record], model: ClipModel, config: TrainConfig, world: World,
                  progress: bool) -> tuple[TrainingRows, list[Record], dict[str, str], ImageStore, numpy.ndarray]:
     """The image store of the training and validation images (rank 0 builds what it lacks, the others wait), the
     rows without those whose image stopped being readable after prepare (one changed file must not crash a long
     run), val likewise (its fixed seeded subset with --val-max-rows), {id: reason} of the skipped, and the store
     row of each kept training row (-1: a text-only row)."""
-    paths = [r.image_path for r, ok in zip(rows.records, rows.has_image) if ok] + [r.image_path for r in val]
+    with_image = numpy.flatnonzero(numpy.array(rows.has_image, dtype=bool))
+    image_paths = rows.records.column("image_path").take(with_image)
+    val_paths = [r.image_path for r in val]
     size, interpolation = model.preprocess.size, model.preprocess.interpolation
     if world.is_main:
-        open_store(paths, size, interpolation, config.store_options(), progress=progress)
+        open_store([*image_paths, *val_paths], size, interpolation, config.store_options(), progress=progress)
     world.barrier()
-    store = open_store(paths, size, interpolation, config.store_options())
-    with_image = numpy.flatnonzero(numpy.array(rows.has_image, dtype=bool))
-    image_rows, failures = store.lookup([rows.records[i].image_path for i in with_image])
-    val_rows, val_failures = store.lookup([r.image_path for r in val])
-    unreadable = {rows.records[i].id: failures[rows.records[i].image_path] for i in with_image[image_rows < 0]}
+    store = open_store([*image_paths, *val_paths], size, interpolation, config.store_options())
+    image_rows, failures = store.lookup(image_paths)
+    val_rows, val_failures = store.lookup(val_paths)
+    unreadable = dict(zip(rows.records.column("id").take(with_image[image_rows < 0]),
+                          (failures[p] for p in image_paths.take(numpy.flatnonzero(image_rows < 0))), strict=True))
     unreadable.update({val[i].id: val_failures[val[i].image_path] for i in numpy.flatnonzero(val_rows < 0)})
     if unreadable:
         tqdm.write(f"skipping {len(unreadable)} rows whose image can no longer be read (listed in run.json)")
-    dropped = set(with_image[image_rows < 0].tolist())
-    rows = rows.subset([i for i in range(len(rows.records)) if i not in dropped])
+    store_rows = numpy.full(len(rows.records), -1, dtype=numpy.int64)
+    store_rows[with_image] = image_rows
+    if (image_rows < 0).any():
+        keep = numpy.flatnonzero((store_rows >= 0) | ~numpy.array(rows.has_image, dtype=bool))
+        rows, store_rows = rows.subset(keep.tolist()), store_rows[keep]
     val = [r for r, row in zip(val, val_rows.tolist()) if row >= 0]
     if config.val_max_rows is not None and len(val) > config.val_max_rows:
         pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(config.seed))[:config.val_max_rows]
         val = [val[i] for i in sorted(pick.tolist())]
-    store_rows = numpy.full(len(rows.records), -1, dtype=numpy.int64)
-    keep_image = numpy.flatnonzero(numpy.array(rows.has_image, dtype=bool))
-    store_rows[keep_image] = store.lookup([rows.records[i].image_path for i in keep_image])[0]
     return rows, val, unreadable, store, store_rows
 
 
@@ -231,11 +233,12 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, best, best_epoch, score_name = state["step"], state["best"], state["best_epoch"], state["score_name"]
-    trainable = {"trainable_parameters": sum(g["n_params"] for g in groups),
-                 "total_parameters": sum(p.numel() for p in model.parameters()), "lora_targets": lora}
+    counts = {"trainable_parameters": sum(g["n_params"] for g in groups),
+              "total_parameters": sum(p.numel() for p in model.parameters()), "lora_targets": lora}
     if world.is_main:
+        counts["truncated_texts"] = model.count_truncated([t for t in rows.texts if t is not None])  # once
         _write_run_json(run, config, prepared, model, groups, rows, world, status="running",
-                        extra={"unreadable_images": unreadable, "machine": machine_record, **trainable})
+                        extra={"unreadable_images": unreadable, "machine": machine_record, **counts})
     # Rank 0 alone logs; a resumed run drops what the interrupted one logged after its checkpoint.
     logger = (RunLogger(run, start_step=step, report_to=config.report_to, config=asdict(config))
               if world.is_main else None)
@@ -322,7 +325,7 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         _write_run_json(run, config, prepared, model, groups, rows, world, status="done",
                         extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step,
                                "seconds": round(time.time() - started, 1), "unreadable_images": unreadable,
-                               "machine": machine_record, **trainable, **memory.figures()})
+                               "machine": machine_record, **counts, **memory.figures()})
     return run
 
 
@@ -373,7 +376,6 @@ def _write_run_json(run: Path, config: TrainConfig, prepared: PreparedData, mode
                      else "running statistics updated while training",
         "n_training_rows": len(rows.records),
         "processes": world.size,
-        "truncated_texts": model.count_truncated([t for t in rows.texts if t is not None]),
         "environment": environment(),
         **extra,
     })
