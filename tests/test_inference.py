@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipmed import inference
 from clipmed.cli import main
 from clipmed.data.records import FieldMap, Record
 from clipmed.data.sources import load_source
@@ -131,6 +132,22 @@ def test_embed_writes_parquet_and_skips_unreadable_images(tiny_hf, tmp_path, cap
 
     assert main(["embed", "--model", str(tiny_hf), "--data", str(data), "--out", str(out), "--what", "texts"]) == 0
     assert set(pq.read_table(out).column("kind").to_pylist()) == {"text"}
+
+
+def test_embed_streams_row_groups_that_hold_what_one_chunk_would(tiny_hf, tmp_path, monkeypatch):
+    """Chunks of 3 rows (row groups, memory bounded) write the same rows, in order, as one chunk of everything."""
+    import pyarrow.parquet as pq
+
+    data = _dataset_with_bad_rows(tmp_path / "data")
+    whole, chunked = tmp_path / "whole.parquet", tmp_path / "chunked.parquet"
+    command = ["embed", "--model", str(tiny_hf), "--data", str(data), "--precision", "fp32", "--out"]
+    assert main([*command, str(whole)]) == 0
+    monkeypatch.setattr(inference, "EMBED_CHUNK", 3)
+    assert main([*command, str(chunked)]) == 0
+    assert pq.ParquetFile(chunked).num_row_groups > 4 and pq.ParquetFile(whole).num_row_groups == 2
+    a, b = pq.read_table(whole).to_pydict(), pq.read_table(chunked).to_pydict()
+    assert a["id"] == b["id"] and a["kind"] == b["kind"] and a["kind"].index("text") == 8  # images first
+    assert np.allclose(np.array(a["embedding"]), np.array(b["embedding"]), atol=1e-5)
 
 
 def test_search_equals_brute_force_and_finds_an_indexed_image_first(tiny_dual_folder, synthetic_dataset, tmp_path,

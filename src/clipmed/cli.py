@@ -305,15 +305,14 @@ def _report_skipped(skipped: list[tuple[str, str]], what: str) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> None:
     from .data.sources import load_source
-    from .inference import embed_records, write_parquet
+    from .inference import write_embeddings
 
     check_output(args.out, folder=False)
     loaded = load_source(args.data, **_source_options(args))
-    embedded = embed_records(_inference_model(args), loaded.records, what=args.what, precision=args.precision,
-                             progress=True, store=_store_options(args), loader_workers=args.loader_workers)
-    write_parquet(embedded, args.out)
+    embedded = write_embeddings(_inference_model(args), loaded, args.out, what=args.what, precision=args.precision,
+                                progress=True, store=_store_options(args), loader_workers=args.loader_workers)
     _report_skipped(embedded.skipped_images, "without a readable image")
-    print(f"{embedded.kinds.count('image')} image and {embedded.kinds.count('text')} text embeddings written to "
+    print(f"{embedded.images} image and {embedded.texts} text embeddings written to "
           f"{args.out}; skipped {len(embedded.skipped_images)} rows without a readable image and "
           f"{embedded.skipped_texts} without a caption")
 

@@ -17,15 +17,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data.datasets import readable_records
 from .data.records import Record
 from .data.sources import LoadedSource
-from .data.store import StoreOptions
+from .data.store import StoreOptions, open_store
 from .errors import ClipmedError, first_line
 from .evaluation.embed import embed_images, embed_texts
 from .evaluation.zeroshot import class_embeddings, zero_shot_scores
@@ -102,17 +103,6 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 # ---- embed ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Embedded:
-    """Embeddings of a dataset's images and/or captions, and what could not be embedded."""
-
-    ids: list[str]
-    kinds: list[str]            # "image" or "text", per row
-    embeddings: np.ndarray      # float32 [N, D], L2-normalised
-    skipped_images: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
-    skipped_texts: int = 0      # rows without a caption
-
-
 def readable_images(model: ClipModel, records: Sequence[Record], store: StoreOptions = StoreOptions(),
                     progress: bool = False) -> tuple[list[Record], list[tuple[str, str]]]:
     """The records whose image decodes, and (id, reason) for the others, in record order. The images are put in
@@ -122,44 +112,92 @@ def readable_images(model: ClipModel, records: Sequence[Record], store: StoreOpt
     return [records[i] for i in keep], [(r.id, reasons[r.id]) for r in records if r.id in reasons]
 
 
-def embed_records(model: ClipModel, records: Sequence[Record], *, what: Kinds = "both", precision: str = "bf16",
-                  progress: bool = False, store: StoreOptions = StoreOptions(),
-                  loader_workers: int | None = None) -> Embedded:
-    """Image and/or caption embeddings of `records`, images first; unreadable images and missing captions skipped.
-    Images are read from the image store (`store`) by `loader_workers` processes."""
-    if what not in ("images", "texts", "both"):
-        raise ClipmedError(f"what must be images, texts or both, not {what!r}")
-    ids: list[str] = []
-    kinds: list[str] = []
-    chunks: list[torch.Tensor] = []
-    skipped: list[tuple[str, str]] = []
-    with_text = [r for r in records if r.caption is not None]
-    if what in ("images", "both"):
-        usable, skipped = readable_images(model, records, store, progress)
-        chunks.append(embed_images(model, usable, precision=precision, progress=progress, store=store,
-                                   loader_workers=loader_workers))
-        ids += [r.id for r in usable]
-        kinds += ["image"] * len(usable)
-    if what in ("texts", "both"):
-        chunks.append(embed_texts(model, [r.caption for r in with_text], precision=precision, progress=progress))
-        ids += [r.id for r in with_text]
-        kinds += ["text"] * len(with_text)
-    chunks = [chunk for chunk in chunks if len(chunk)]
-    embeddings = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
-    return Embedded(ids, kinds, embeddings, skipped, len(records) - len(with_text) if what != "images" else 0)
+# Rows embedded and written per Parquet row group: memory holds one chunk, whatever the dataset's size.
+EMBED_CHUNK = 4096
 
 
-def write_parquet(embedded: Embedded, path: str | Path) -> None:
-    """Columns id (string), kind (string), embedding (list<float32>), written atomically."""
+@dataclass
+class Embedded:
+    """What `write_embeddings` wrote, and what could not be embedded."""
+
+    images: int = 0
+    texts: int = 0
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    skipped_texts: int = 0      # rows without a caption
+
+
+def _record_chunks(source: LoadedSource) -> Iterator[list[Record]]:
+    """The readable rows of `source` in order, EMBED_CHUNK at a time (one streaming pass per call)."""
+    chunk: list[Record] = []
+    for row in source.rows():
+        if row.record is not None:
+            chunk.append(row.record)
+            if len(chunk) == EMBED_CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *, what: Kinds = "both",
+                     precision: str = "bf16", progress: bool = False, store: StoreOptions = StoreOptions(),
+                     loader_workers: int | None = None) -> Embedded:
+    """Image and/or caption embeddings of `source` into a Parquet file (columns id, kind, embedding: string, string,
+    list<float32>), images first; unreadable images and missing captions skipped and counted.
+
+    The source is streamed: one pass stores the images the store lacks, then each chunk of rows is embedded and
+    written as a row group, so memory does not grow with the dataset. The file appears atomically when complete.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n, dim = embedded.embeddings.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
-    vectors = pa.ListArray.from_arrays(offsets, pa.array(embedded.embeddings.reshape(-1), type=pa.float32()))
-    table = pa.table({"id": pa.array(embedded.ids, type=pa.string()),
-                      "kind": pa.array(embedded.kinds, type=pa.string()), "embedding": vectors})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    if what not in ("images", "texts", "both"):
+        raise ClipmedError(f"what must be images, texts or both, not {what!r}")
+    done = Embedded()
+    size, interpolation = model.preprocess.size, model.preprocess.interpolation
+
+    def write_chunk(writer: "pq.ParquetWriter", ids: list[str], kind: str, embeddings: torch.Tensor) -> None:
+        n, dim = embeddings.shape
+        vectors = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * dim),
+                                           pa.array(embeddings.numpy().reshape(-1), type=pa.float32()))
+        writer.write_table(pa.table({"id": pa.array(ids, type=pa.string()),
+                                     "kind": pa.array([kind] * n, type=pa.string()), "embedding": vectors}))
+
+    def write(tmp: str) -> None:
+        schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("embedding", pa.list_(pa.float32()))])
+        with pq.ParquetWriter(tmp, schema) as writer:
+            if what in ("images", "both"):
+                paths = [r.image_path for chunk in _record_chunks(source) for r in chunk if r.image_path is not None]
+                image_store = open_store(paths, size, interpolation, store, progress=progress) if paths else None
+                del paths  # the store's index is all the loop needs
+                bar = tqdm(desc="embed images", unit="row", disable=None if progress else True)
+                for chunk in _record_chunks(source):
+                    rows, failures = (image_store.lookup([r.image_path or "" for r in chunk]) if image_store
+                                      else (np.full(len(chunk), -1), {}))
+                    usable = [r for r, row in zip(chunk, rows.tolist()) if row >= 0]
+                    done.skipped_images += [(r.id, "no image" if r.image_path is None else failures[r.image_path])
+                                            for r, row in zip(chunk, rows.tolist()) if row < 0]
+                    if usable:
+                        write_chunk(writer, [r.id for r in usable], "image",
+                                    embed_images(model, usable, precision=precision, store=image_store,
+                                                 loader_workers=loader_workers))
+                        done.images += len(usable)
+                    bar.update(len(chunk))
+                bar.close()
+            if what in ("texts", "both"):
+                bar = tqdm(desc="embed texts", unit="row", disable=None if progress else True)
+                for chunk in _record_chunks(source):
+                    with_text = [r for r in chunk if r.caption is not None]
+                    done.skipped_texts += len(chunk) - len(with_text)
+                    if with_text:
+                        write_chunk(writer, [r.id for r in with_text], "text",
+                                    embed_texts(model, [r.caption for r in with_text], precision=precision))
+                        done.texts += len(with_text)
+                    bar.update(len(chunk))
+                bar.close()
+
+    atomic_write(path, write)
+    return done
 
 
 # ---- index and search ----------------------------------------------------------------------------------

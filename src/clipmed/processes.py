@@ -4,16 +4,29 @@ Workers are forked from a small forkserver process that has imported only clipme
 PIL), never from the command's own process. A worker forked from the command would map every page the command
 holds (the model, the optimizer, the dataset's rows): its resident memory would count all of them again, and
 Python's reference counting would copy the pages it touches, so memory would grow with the dataset in every
-worker. Where forkserver does not exist (Windows) workers are spawned, fresh interpreters likewise.
+worker. Where forkserver does not exist (Windows) workers are spawned, fresh interpreters likewise. As with any
+spawned worker, a script that starts clipmed's workers guards its top level with `if __name__ == "__main__":`.
+
+A forkserver's child has the server, not the command, as its parent, so torch's own check (a DataLoader worker
+exits when its parent pid changes) never fires: every worker here also watches the command that started it and
+exits when it is gone, so a killed run leaves no workers (nor the server they keep open) behind.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
+import threading
+import time
 from multiprocessing.context import BaseContext
+from typing import Callable
+
+import psutil
 
 # What the forkserver imports once, before it forks each worker: every function a worker runs lives there.
 PRELOAD = ["clipmed.data.datasets"]
+WATCH_S = 1.0  # how often a worker checks that the command that started it still runs
 
 
 def worker_context() -> BaseContext:
@@ -23,3 +36,24 @@ def worker_context() -> BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context
+
+
+def worker_init() -> Callable[..., None]:
+    """The initializer every worker runs first (a DataLoader's worker_init_fn, a pool's initializer): it exits
+    the worker when this process, the one starting it, is gone."""
+    me = psutil.Process()
+    return functools.partial(_exit_with, me.pid, me.create_time())
+
+
+def _exit_with(pid: int, created: float, *_worker_id: int) -> None:
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_S)
+            try:
+                alive = psutil.Process(pid).create_time() == created  # the same process, not a reused pid
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="clipmed-parent-watch", daemon=True).start()

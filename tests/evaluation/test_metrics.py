@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from clipmed.errors import ClipmedError
-from clipmed.evaluation.metrics import _bootstrap_means, _top_indices, classification_metrics, macro_f1, retrieval_metrics
+from clipmed.evaluation.metrics import bootstrap_mean_intervals, _top_indices, classification_metrics, macro_f1, retrieval_metrics
 
 CLASSES = ["a", "b", "c", "d"]
 # 5 rows x 4 classes; class "d" never occurs in the labels but is predicted once (row 1).
@@ -232,6 +232,6 @@ def test_bootstrap_means_from_counts_equal_the_gathered_means():
     values = np.random.default_rng(6).random((70, 3))
     idx = np.random.default_rng(9).integers(0, 70, size=(200, 70))  # the draws of seed 9, one block at this size
     expected = [list(np.percentile(values[idx, j].mean(axis=1), [2.5, 97.5])) for j in range(3)]
-    got = _bootstrap_means(values, 200, 9)
+    got = bootstrap_mean_intervals(values, 200, 9)
     for interval, want in zip(got, expected):
         assert interval == pytest.approx(want)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..processes import worker_context
+from ..processes import worker_context, worker_init
 from .images import open_rgb
 from .records import Record
 from .store import INTERPOLATION, ImageStore, StoreOptions, open_store, resize_shorter
@@ -165,20 +165,22 @@ def loader(dataset: Dataset, batches: Iterable[list], *, workers: int | None = N
     # (dropout): a resumed run creates its loaders at other moments than the run it continues.
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=torch.Generator(),
                       pin_memory=torch.device(device).type == "cuda",
-                      multiprocessing_context=worker_context() if workers else None)
+                      multiprocessing_context=worker_context() if workers else None,
+                      worker_init_fn=worker_init() if workers else None)
 
 
 def pixel_batches(paths: Sequence[str], size: int, interpolation: str, *, batch_size: int,
-                  store: StoreOptions | None = StoreOptions(), workers: int | None = None,
+                  store: StoreOptions | ImageStore | None = StoreOptions(), workers: int | None = None,
                   device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-    """Centre-cropped uint8 batches of these images in order: from the image store (built for what it lacks), or
-    with `store=None` decoded from the files (an unreadable file raises its ImageError)."""
+    """Centre-cropped uint8 batches of these images in order: from the image store (built for what it lacks; or an
+    opened ImageStore that holds them all), or with `store=None` decoded from the files (an unreadable file raises
+    its ImageError)."""
     if not paths:
         return iter(())
     chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     if store is None:
         return iter(loader(FileImages(paths, size, interpolation), chunks, workers=workers, device=device))
-    image_store = open_store(paths, size, interpolation, store)
+    image_store = store if isinstance(store, ImageStore) else open_store(paths, size, interpolation, store)
     rows, failures = image_store.lookup(paths)
     if failures or (rows < 0).any():
         path = next(iter(failures), None) or paths[int(np.flatnonzero(rows < 0)[0])]

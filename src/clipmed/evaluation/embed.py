@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..data.datasets import pixel_batches
-from ..data.store import StoreOptions
+from ..data.store import ImageStore, StoreOptions
 from ..data.records import Record
 from ..machine import attention_for
 from ..models.base import ClipModel
@@ -35,11 +35,12 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int = 64, precision: str = "bf16",
-                 progress: bool = False, store: StoreOptions | None = StoreOptions(),
+                 progress: bool = False, store: StoreOptions | ImageStore | None = StoreOptions(),
                  loader_workers: int | None = None) -> torch.Tensor:
     """L2-normalised float32 image embeddings [N, D] in record order.
 
-    Pixels come from the image store (`store`; images it lacks are stored first) through a DataLoader with
+    Pixels come from the image store (`store`; images it lacks are stored first; or an opened ImageStore holding
+    them all) through a DataLoader with
     `loader_workers` processes; `store=None` decodes the files in this process (a few images named by a user,
     whose unreadable file raises its one-line ImageError).
     """

@@ -193,7 +193,7 @@ def _direction(
     out: dict = {
         "n_queries": int(len(ranks)),
         "recall_at": {str(k): float(v) for k, v in zip(ks, recall.mean(axis=0))},
-        "ci95": {f"recall@{k}": ci for k, ci in zip(ks, _bootstrap_means(recall, n_boot, seed))},
+        "ci95": {f"recall@{k}": ci for k, ci in zip(ks, bootstrap_mean_intervals(recall, n_boot, seed))},
     }
     hit1 = float((ranks < 1).mean())
     if query_labels is None:
@@ -204,7 +204,7 @@ def _direction(
         return out, hit1
     out["precision_at"] = {str(k): float(v) for k, v in zip(ks, precision.mean(axis=0))}
     out["ci95"].update(
-        {f"precision@{k}": ci for k, ci in zip(ks, _bootstrap_means(precision, n_boot, seed))}
+        {f"precision@{k}": ci for k, ci in zip(ks, bootstrap_mean_intervals(precision, n_boot, seed))}
     )
     return out, hit1
 
@@ -276,7 +276,7 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
     return np.bincount((idx + offsets).ravel(), minlength=idx.shape[0] * n).reshape(idx.shape[0], n).astype(np.float64)
 
 
-def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> list[list[float]]:
+def bootstrap_mean_intervals(values: np.ndarray, n_boot: int, seed: int) -> list[list[float]]:
     """Percentile interval of the column means of [n, m] values, the same resamples for every column.
 
     A resample's means are its row counts times the values (one matrix product per block of resamples), so

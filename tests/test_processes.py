@@ -1,0 +1,59 @@
+"""Every worker pool starts its processes from the forkserver, never by forking the command's own process, and a
+killed command leaves no worker behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from clipmed.data.datasets import FileImages, loader
+from clipmed.processes import PRELOAD, worker_context
+
+pytestmark = pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
+                                reason="no forkserver here")
+
+
+def test_loader_workers_come_from_a_forkserver_that_preloads_the_data_modules():
+    context = worker_context()
+    assert context.get_start_method() == "forkserver" and PRELOAD == ["clipmed.data.datasets"]
+    assert loader(FileImages([], 8, "bicubic"), [[0]], workers=1).multiprocessing_context is context
+    assert loader(FileImages([], 8, "bicubic"), [[0]], workers=0).multiprocessing_context is None  # in-process
+
+
+def test_a_killed_command_leaves_no_loader_worker_nor_forkserver_behind(tmp_path):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    script = tmp_path / "reader.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from clipmed.data.datasets import FileImages, loader
+
+        if __name__ == "__main__":
+            batches = iter(loader(FileImages([{str(image)!r}] * 64, 8, "bicubic"), [[i] for i in range(64)],
+                                  workers=2))
+            next(batches)
+            print("reading", flush=True)
+            time.sleep(600)
+    """))
+    reader = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        helpers = psutil.Process(reader.pid).children(recursive=True)  # the forkserver, its workers, the tracker
+        assert len(helpers) >= 3
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
+        _, alive = psutil.wait_procs(helpers, timeout=20)
+        assert not alive, f"still running after the kill: {[p.cmdline()[-1][:80] for p in alive]}"
+    finally:
+        reader.kill()
