@@ -150,6 +150,21 @@ def test_embed_streams_row_groups_that_hold_what_one_chunk_would(tiny_hf, tmp_pa
     assert np.allclose(np.array(a["embedding"]), np.array(b["embedding"]), atol=1e-5)
 
 
+def test_index_built_a_chunk_at_a_time_equals_one_built_at_once(tiny_dual_folder, synthetic_dataset, tmp_path,
+                                                                monkeypatch):
+    from clipmed.inference import load_index
+
+    command = ["index", "--model", str(tiny_dual_folder), "--data", str(synthetic_dataset), "--precision", "fp32",
+               "--out"]
+    assert main([*command, str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(inference, "EMBED_CHUNK", 3)
+    assert main([*command, str(tmp_path / "chunked")]) == 0
+    whole, chunked = load_index(tmp_path / "whole"), load_index(tmp_path / "chunked")
+    assert chunked.meta["items"] == whole.meta["items"] and len(whole.meta["items"]) == len(whole.embeddings) > 3
+    assert np.allclose(chunked.embeddings, whole.embeddings, atol=1e-6)
+    assert not list((tmp_path / "chunked").glob(".*staged*"))  # no staging file left
+
+
 def test_search_equals_brute_force_and_finds_an_indexed_image_first(tiny_dual_folder, synthetic_dataset, tmp_path,
                                                                        capsys):
     index = tmp_path / "index"
@@ -207,7 +222,7 @@ def test_a_rebuild_killed_before_its_commit_leaves_the_old_index_working(tiny_du
     def killed(*args, **kwargs):  # the process dies after the new embeddings are on disk, before index.json
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference, "write_json_atomic", killed)
+    monkeypatch.setattr(inference, "write_index_json", killed)
     assert main(["index", "--model", str(other), "--data", str(synthetic_dataset), "--out", str(index),
                  "--precision", "fp32"]) == 130
     monkeypatch.undo()

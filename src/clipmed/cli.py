@@ -323,11 +323,12 @@ def cmd_index(args: argparse.Namespace) -> None:
 
     check_output(args.out, folder=True)
     loaded = load_source(args.data, **_source_options(args))
-    meta = build_index(_inference_model(args), model_reference(args.model), loaded, args.out, precision=args.precision,
-                       progress=True, store=_store_options(args), loader_workers=args.loader_workers)
-    _report_skipped([(s["id"], s["reason"]) for s in meta["skipped"]], "without a readable image")
-    print(f"indexed {len(meta['items'])} images into {args.out} (skipped {len(meta['skipped'])} without a readable "
-          "image)")
+    indexed = build_index(_inference_model(args), model_reference(args.model), loaded, args.out,
+                          precision=args.precision, progress=True, store=_store_options(args),
+                          loader_workers=args.loader_workers)
+    _report_skipped(indexed.skipped_images, "without a readable image")
+    print(f"indexed {indexed.images} images into {args.out} (skipped {len(indexed.skipped_images)} without a "
+          "readable image)")
 
 
 def cmd_search(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ and `load_index` refuses embeddings whose checksum is not the one index.json nam
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +24,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.datasets import readable_records
 from .data.records import Record
 from .data.sources import LoadedSource
-from .data.store import StoreOptions, open_store
+from .data.store import ImageStore, StoreOptions, open_store
 from .errors import ClipmedError, first_line
 from .evaluation.embed import embed_images, embed_texts
 from .evaluation.zeroshot import class_embeddings, zero_shot_scores
-from .io import atomic_write, read_json, sha256_file, write_json_atomic
+from .io import atomic_write, read_json, sha256_file
 from .knowledge.prompts import DEFAULT_TEMPLATE, check_template
 from .locking import FileLock
 from .models import ClipModel
@@ -103,22 +103,13 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 # ---- embed ---------------------------------------------------------------------------------------------
 
-def readable_images(model: ClipModel, records: Sequence[Record], store: StoreOptions = StoreOptions(),
-                    progress: bool = False) -> tuple[list[Record], list[tuple[str, str]]]:
-    """The records whose image decodes, and (id, reason) for the others, in record order. The images are put in
-    the image store on the way, so embedding them afterwards decodes nothing twice."""
-    keep, reasons = readable_records(records, model.preprocess.size, model.preprocess.interpolation, store,
-                                     progress=progress)
-    return [records[i] for i in keep], [(r.id, reasons[r.id]) for r in records if r.id in reasons]
-
-
 # Rows embedded and written per Parquet row group: memory holds one chunk, whatever the dataset's size.
 EMBED_CHUNK = 4096
 
 
 @dataclass
 class Embedded:
-    """What `write_embeddings` wrote, and what could not be embedded."""
+    """What `write_embeddings` or `build_index` wrote, and what could not be embedded."""
 
     images: int = 0
     texts: int = 0
@@ -139,6 +130,26 @@ def _record_chunks(source: LoadedSource) -> Iterator[list[Record]]:
         yield chunk
 
 
+def _image_store(model: ClipModel, source: LoadedSource, store: StoreOptions, progress: bool) -> ImageStore | None:
+    """The image store entry of every image `source` names (one streaming pass; the images it lacks are stored),
+    None when no row names an image."""
+    paths = [r.image_path for chunk in _record_chunks(source) for r in chunk if r.image_path is not None]
+    return open_store(paths, model.preprocess.size, model.preprocess.interpolation, store,
+                      progress=progress) if paths else None
+
+
+def _usable_chunks(source: LoadedSource, image_store: ImageStore | None
+                   ) -> Iterator[tuple[list[Record], list[tuple[str, str]]]]:
+    """Per chunk of rows: those whose image is in the store, and (id, reason) of the others."""
+    for chunk in _record_chunks(source):
+        rows, failures = (image_store.lookup([r.image_path or "" for r in chunk]) if image_store is not None
+                          else (np.full(len(chunk), -1), {}))
+        rows = rows.tolist()
+        yield ([r for r, row in zip(chunk, rows) if row >= 0],
+               [(r.id, "no image" if r.image_path is None else failures[r.image_path])
+                for r, row in zip(chunk, rows) if row < 0])
+
+
 def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *, what: Kinds = "both",
                      precision: str = "bf16", progress: bool = False, store: StoreOptions = StoreOptions(),
                      loader_workers: int | None = None) -> Embedded:
@@ -154,7 +165,6 @@ def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *
     if what not in ("images", "texts", "both"):
         raise ClipmedError(f"what must be images, texts or both, not {what!r}")
     done = Embedded()
-    size, interpolation = model.preprocess.size, model.preprocess.interpolation
 
     def write_chunk(writer: "pq.ParquetWriter", ids: list[str], kind: str, embeddings: torch.Tensor) -> None:
         n, dim = embeddings.shape
@@ -167,22 +177,16 @@ def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *
         schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("embedding", pa.list_(pa.float32()))])
         with pq.ParquetWriter(tmp, schema) as writer:
             if what in ("images", "both"):
-                paths = [r.image_path for chunk in _record_chunks(source) for r in chunk if r.image_path is not None]
-                image_store = open_store(paths, size, interpolation, store, progress=progress) if paths else None
-                del paths  # the store's index is all the loop needs
+                image_store = _image_store(model, source, store, progress)
                 bar = tqdm(desc="embed images", unit="row", disable=None if progress else True)
-                for chunk in _record_chunks(source):
-                    rows, failures = (image_store.lookup([r.image_path or "" for r in chunk]) if image_store
-                                      else (np.full(len(chunk), -1), {}))
-                    usable = [r for r, row in zip(chunk, rows.tolist()) if row >= 0]
-                    done.skipped_images += [(r.id, "no image" if r.image_path is None else failures[r.image_path])
-                                            for r, row in zip(chunk, rows.tolist()) if row < 0]
+                for usable, skipped in _usable_chunks(source, image_store):
+                    done.skipped_images += skipped
                     if usable:
                         write_chunk(writer, [r.id for r in usable], "image",
                                     embed_images(model, usable, precision=precision, store=image_store,
                                                  loader_workers=loader_workers))
                         done.images += len(usable)
-                    bar.update(len(chunk))
+                    bar.update(len(usable) + len(skipped))
                 bar.close()
             if what in ("texts", "both"):
                 bar = tqdm(desc="embed texts", unit="row", disable=None if progress else True)
@@ -221,39 +225,77 @@ class Hit:
 
 def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str | Path, *,
                 precision: str = "bf16", progress: bool = False, store: StoreOptions = StoreOptions(),
-                loader_workers: int | None = None) -> dict:
+                loader_workers: int | None = None) -> Embedded:
     """Embed the images of `source` into the index folder `out` (read from the image store; locked while it is
-    written; an index already there is replaced in one step, see the module docstring); returns index.json's
-    content."""
+    written; an index already there is replaced in one step, see the module docstring); returns how many images
+    it holds and which rows were skipped.
+
+    The source is streamed a chunk of rows at a time: embeddings go into a memory-mapped .npy, items into a staging
+    file, so memory does not grow with the dataset."""
     out = Path(out)
     with FileLock(out, what="index"):
-        usable, skipped = readable_images(model, source.records, store, progress)
-        if not usable:
-            raise ClipmedError(f"{source.path}: no readable image among {len(source.records)} rows, nothing to index")
-        embeddings = embed_images(model, usable, precision=precision, progress=progress, store=store,
-                                  loader_workers=loader_workers).numpy()
+        image_store = _image_store(model, source, store, progress)
+        done = Embedded()
+        for usable, skipped in _usable_chunks(source, image_store):  # a first pass sizes the embeddings file
+            done.images += len(usable)
+            done.skipped_images += skipped
+        if not done.images:
+            raise ClipmedError(f"{source.path}: no readable image among {len(done.skipped_images)} rows, nothing to "
+                               "index")
+        staged, staged_items = out / ".embeddings.staged.npy", out / ".items.staged.jsonl"
+        dim = 0
 
         def write_embeddings(tmp: str) -> None:
-            with open(tmp, "wb") as handle:
-                np.save(handle, embeddings)
+            nonlocal dim
+            matrix, row = None, 0
+            with open(staged_items, "w", encoding="utf-8") as items:
+                for usable, _ in _usable_chunks(source, image_store):
+                    if not usable:
+                        continue
+                    embeddings = embed_images(model, usable, precision=precision, store=image_store,
+                                              loader_workers=loader_workers).numpy()
+                    if matrix is None:
+                        dim = embeddings.shape[1]
+                        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(done.images, dim))
+                    matrix[row:row + len(usable)] = embeddings
+                    row += len(usable)
+                    items.writelines(json.dumps({"attribution": r.extra, "caption": r.caption, "id": r.id,
+                                                 "path": r.image_path}, ensure_ascii=False, sort_keys=True) + "\n"
+                                     for r in usable)
+            matrix.flush()
+            del matrix
 
-        staged = out / ".embeddings.staged.npy"
         atomic_write(staged, write_embeddings)
         checksum = sha256_file(staged)
         name = f"embeddings-{checksum[:16]}.npy"
         os.replace(staged, out / name)
-        meta = {"format": INDEX_FORMAT, "model": model_ref, "model_fingerprint": model_fingerprint(model),
-                "family": model.family, "precision": precision, "dim": int(embeddings.shape[1]),
+        head = {"format": INDEX_FORMAT, "model": model_ref, "model_fingerprint": model_fingerprint(model),
+                "family": model.family, "precision": precision, "dim": int(dim),
                 "embeddings": {"file": name, "sha256": checksum},
                 "source": {"path": source.path, "format": source.format, "fingerprint": source.fingerprint},
-                "items": [{"id": r.id, "path": r.image_path, "caption": r.caption, "attribution": r.extra}
-                          for r in usable],
-                "skipped": [{"id": i, "reason": reason} for i, reason in skipped]}
-        write_json_atomic(out / INDEX_JSON, meta)  # the commit: from here on the folder is the new index
+                "skipped": [{"id": i, "reason": reason} for i, reason in done.skipped_images]}
+
+        write_index_json(out / INDEX_JSON, head, staged_items)  # the commit: from here on the folder is the new index
+        staged_items.unlink()
         for old in out.glob("embeddings*.npy"):
             if old.name != name:
                 old.unlink()
-    return meta
+    return done
+
+
+def write_index_json(path: Path, head: dict, items_file: Path) -> None:
+    """index.json atomically: `head` with the items copied line by line from `items_file` (never all in memory)."""
+    text = json.dumps({**head, "items": []}, indent=2, sort_keys=True, ensure_ascii=False)
+    before, after = text.split('"items": []', 1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as meta, open(items_file, encoding="utf-8") as items:
+            meta.write(before + '"items": [\n')
+            for number, line in enumerate(items):
+                meta.write((",\n" if number else "") + "    " + line.rstrip("\n"))
+            meta.write("\n  ]" + after + "\n")
+
+    atomic_write(path, write)
 
 
 def load_index(directory: str | Path) -> Index:
