@@ -17,14 +17,14 @@ import pytest
 from PIL import Image
 
 from clipmed.data.datasets import FileImages, loader
-from clipmed.processes import PRELOAD, worker_context
+from clipmed.processes import PRELOAD, loader_context
 
 pytestmark = pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
                                 reason="no forkserver here")
 
 
 def test_loader_workers_come_from_a_forkserver_that_preloads_the_data_modules():
-    context = worker_context()
+    context = loader_context()
     assert context.get_start_method() == "forkserver" and PRELOAD == ["clipmed.data.datasets"]
     assert loader(FileImages([], 8, "bicubic"), [[0]], workers=1).multiprocessing_context is context
     assert loader(FileImages([], 8, "bicubic"), [[0]], workers=0).multiprocessing_context is None  # in-process

@@ -1,11 +1,12 @@
 """How clipmed starts worker processes (image checks, store builds, DataLoader workers): one place decides.
 
-Workers are forked from a small forkserver process that has imported only clipmed's data modules (torch, numpy,
-PIL), never from the command's own process. A worker forked from the command would map every page the command
-holds (the model, the optimizer, the dataset's rows): its resident memory would count all of them again, and
-Python's reference counting would copy the pages it touches, so memory would grow with the dataset in every
-worker. Where forkserver does not exist (Windows) workers are spawned, fresh interpreters likewise. As with any
-spawned worker, a script that starts clipmed's workers guards its top level with `if __name__ == "__main__":`.
+No worker is forked from the command's own process. Such a worker would map every page the command holds (the
+model, the optimizer, the dataset's rows): its resident memory would count all of them again, and Python's
+reference counting would copy the pages it touches, so memory would grow with the dataset in every worker.
+Instead, pool workers (image checks, store builds: PIL and numpy) are spawned, fresh interpreters that import only
+what their function needs; DataLoader workers, which need torch, are forked from a small forkserver that imported
+clipmed's data modules once (where forkserver does not exist, Windows, they are spawned too). As with any spawned
+worker, a script that starts clipmed's workers guards its top level with `if __name__ == "__main__":`.
 
 A forkserver's child has the server, not the command, as its parent, so torch's own check (a DataLoader worker
 exits when its parent pid changes) never fires: every worker here also watches the command that started it and
@@ -24,13 +25,18 @@ from typing import Callable
 
 import psutil
 
-# What the forkserver imports once, before it forks each worker: every function a worker runs lives there.
+# What the forkserver imports once, before it forks each DataLoader worker: the datasets those workers run.
 PRELOAD = ["clipmed.data.datasets"]
 WATCH_S = 1.0  # how often a worker checks that the command that started it still runs
 
 
-def worker_context() -> BaseContext:
-    """The multiprocessing context of every clipmed worker pool and DataLoader."""
+def pool_context() -> BaseContext:
+    """The multiprocessing context of clipmed's process pools (image checks, store builds)."""
+    return multiprocessing.get_context("spawn")
+
+
+def loader_context() -> BaseContext:
+    """The multiprocessing context of clipmed's DataLoader workers."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")

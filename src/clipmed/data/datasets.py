@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..processes import worker_context, worker_init
+from ..processes import loader_context, worker_init
 from .images import open_rgb
 from .records import Record
 from .store import INTERPOLATION, ImageStore, StoreOptions, open_store, resize_shorter
@@ -165,7 +165,7 @@ def loader(dataset: Dataset, batches: Iterable[list], *, workers: int | None = N
     # (dropout): a resumed run creates its loaders at other moments than the run it continues.
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=torch.Generator(),
                       pin_memory=torch.device(device).type == "cuda",
-                      multiprocessing_context=worker_context() if workers else None,
+                      multiprocessing_context=loader_context() if workers else None,
                       worker_init_fn=worker_init() if workers else None)
 
 

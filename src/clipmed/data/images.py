@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipmed.errors import ClipmedError
 from clipmed.io import read_json, write_json_atomic
-from clipmed.processes import worker_context, worker_init
+from clipmed.processes import pool_context, worker_init
 
 # PIL's own default limit (about 89.5 million pixels, a 1 GiB RGB buffer / 3 / 4).
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
@@ -178,7 +178,7 @@ class ImageChecks:
         self._paths.append(path)
         if len(self._paths) >= self.chunk:
             if self._pool is None and self.workers > 1:
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=worker_context(),
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=pool_context(),
                                                  initializer=worker_init())
             self._submit()
         yield from self._drain(wait=len(self._queue) > self._ahead)

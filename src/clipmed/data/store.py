@@ -34,7 +34,7 @@ from ..cache import cache_dir
 from ..errors import ClipmedError
 from ..io import atomic_write, read_json, write_json_atomic
 from ..locking import FileLock
-from ..processes import worker_context, worker_init
+from ..processes import pool_context, worker_init
 from .images import ImageError, open_rgb
 
 INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -228,7 +228,7 @@ def _build(folder: Path, paths: list[str], first: int, size: int, interpolation:
         for number, chunk in enumerate(chunks, start=first):
             bar.update(_build_shard(str(folder), number, chunk, size, interpolation, options.format))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=worker_init()) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(), initializer=worker_init()) as pool:
             futures = [pool.submit(_build_shard, str(folder), number, chunk, size, interpolation, options.format)
                        for number, chunk in enumerate(chunks, start=first)]
             for future in as_completed(futures):
