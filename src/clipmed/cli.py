@@ -303,11 +303,20 @@ def _report_skipped(skipped: list[tuple[str, str]], what: str) -> None:
         print(f"... and {len(skipped) - 5} more rows {what}", file=sys.stderr)
 
 
+def _start_loader_server(args: argparse.Namespace) -> None:
+    """Let the loader workers' server import torch while the command reads its data and model."""
+    if args.loader_workers != 0:
+        from .processes import start_loader_server
+
+        start_loader_server()
+
+
 def cmd_embed(args: argparse.Namespace) -> None:
     from .data.sources import load_source
     from .inference import write_embeddings
 
     check_output(args.out, folder=False)
+    _start_loader_server(args)
     loaded = load_source(args.data, **_source_options(args))
     embedded = write_embeddings(_inference_model(args), loaded, args.out, what=args.what, precision=args.precision,
                                 progress=True, store=_store_options(args), loader_workers=args.loader_workers)
@@ -322,6 +331,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     from .inference import build_index, model_reference
 
     check_output(args.out, folder=True)
+    _start_loader_server(args)
     loaded = load_source(args.data, **_source_options(args))
     indexed = build_index(_inference_model(args), model_reference(args.model), loaded, args.out,
                           precision=args.precision, progress=True, store=_store_options(args),

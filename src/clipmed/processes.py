@@ -44,6 +44,15 @@ def loader_context() -> BaseContext:
     return context
 
 
+def start_loader_server() -> None:
+    """Start the DataLoader workers' forkserver now, without waiting for it: it imports torch while the command
+    loads its model, so the first loader does not wait for that import."""
+    if loader_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def worker_init() -> Callable[..., None]:
     """The initializer every worker runs first (a DataLoader's worker_init_fn, a pool's initializer): it exits
     the worker when this process, the one starting it, is gone."""

@@ -35,6 +35,7 @@ from ..machine import Choices, apply_threads, apply_to_model, facts, resolve
 from ..models import ClipModel, load_model
 from ..models.lora import add_lora, merged
 from ..objectives import OBJECTIVES, TrainingRows, get_objective
+from ..processes import start_loader_server
 from .checkpoint import clean_stale_temporaries, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import World, init_world
@@ -187,6 +188,8 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
         raise ClipmedError(f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes")
     torch.manual_seed(config.seed)
     progress = progress and world.is_main
+    if config.loader_workers != 0:
+        start_loader_server()  # its imports overlap the loading below
 
     prepared = load_prepared(config.data)
     rows = training_rows(prepared, config)
