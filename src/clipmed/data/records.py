@@ -63,17 +63,12 @@ class TextColumn(Sequence):
 
     def __iter__(self) -> Iterator[str | None]:
         for start in range(0, len(self), READ_CHUNK):
-            yield from self._chunk(start, start + READ_CHUNK).to_pylist()
+            yield from _rows_of(self._array, self._rows, start, start + READ_CHUNK).to_pylist()
 
     def take(self, positions: Sequence[int] | np.ndarray) -> "TextColumn":
         """A view of rows `positions` (of this sequence), in that order."""
         positions = np.asarray(positions, dtype=np.int64)
         return TextColumn(self._array, positions if self._rows is None else self._rows[positions])
-
-    def _chunk(self, start: int, stop: int) -> "pa.Array":
-        if self._rows is None:
-            return self._array.slice(start, stop - start)
-        return self._array.take(self._rows[start:stop])
 
 
 class RecordTable(Sequence):
@@ -117,7 +112,7 @@ class RecordTable(Sequence):
 
     def __iter__(self) -> Iterator[Record]:
         for start in range(0, len(self), READ_CHUNK):
-            columns = {name: TextColumn(array, self._rows)._chunk(start, start + READ_CHUNK).to_pylist()
+            columns = {name: _rows_of(array, self._rows, start, start + READ_CHUNK).to_pylist()
                        for name, array in self._columns.items()}
             yield from (_to_record(dict(zip(_COLUMNS, values))) for values in zip(*columns.values()))
 
@@ -158,6 +153,11 @@ class RecordTable(Sequence):
 # Rows converted at a time when a RecordTable is built or iterated (bounded memory, few Arrow calls).
 READ_CHUNK = 4096
 _COLUMNS = ("id", "image_path", "caption", "label", "group", "extra", "image_fault")
+
+
+def _rows_of(array: "pa.Array", rows: np.ndarray | None, start: int, stop: int) -> "pa.Array":
+    """Items start..stop of a column or of a view of it (`rows`: the view's positions in the column)."""
+    return array.slice(start, stop - start) if rows is None else array.take(rows[start:stop])
 
 
 def _arrays(records: list[Record]) -> dict[str, "pa.Array"]:
