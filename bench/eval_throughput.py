@@ -4,7 +4,9 @@ embeddings for zero-shot (single and ensemble), linear probe and retrieval.
     python bench/eval_throughput.py --out bench/results/eval_throughput.json
 
 Times `full_evaluation` (test + train images, test captions, every metric with 1,000 bootstrap resamples)
-and the bare forward passes of the same images and captions in the same process, alternating.
+and the bare forward passes of the same images and captions in the same process, alternating. Then the image
+embedding rate (bf16, the default embedding precision) in the layout the machine's rule table gives a loaded model
+(`clipmed.machine.ready_for_inference`) against the contiguous, unfolded layout models had before, alternating.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, roco_captions, synthetic_records, write_results  # noqa: E402
+from common import alternate, machine, print_table, roco_captions, synthetic_records, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +36,7 @@ def main() -> None:
     from clipmed.evaluation.embed import embed_images, embed_texts
     from clipmed.evaluation.evaluate import EvalConfig, full_evaluation
     from clipmed.knowledge import load_templates
+    from clipmed.machine import Speed, apply_to_model, facts, resolve
     from clipmed.models import load_model
 
     classes = ["Abdomen", "Chest", "Dental", "Extremity", "Head and Neck", "Pelvis", "Spine"]
@@ -64,10 +67,22 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     best = {name: min(values) for name, values in times.items()}
     overhead = best["full evaluation"] / best["bare forward"] - 1
+
+    # Image embedding layout: the rule table's (what `model` now has) against contiguous and unfolded.
+    contiguous = load_model("dual:efficientnet-lite0+minilm")
+    apply_to_model(contiguous, resolve(Speed(memory_format="contiguous"), facts("cpu"))[0])
+    layouts = {f"rule table ({model.machine_choices.memory_format}, BatchNorm "
+               f"{'folded' if model.machine_choices.fuse_conv_bn else 'not folded'})": model,
+               "contiguous, BatchNorm not folded (before)": contiguous}
+    seconds = alternate({name: (lambda m=m: embed_images(m, train)) for name, m in layouts.items()},
+                        warmup=1, steps=1, rounds=args.rounds)
+    rates = {name: len(train) / s for name, s in seconds.items()}
     results = {"machine": machine(), "test_rows": args.test, "train_rows": args.train,
-               "seconds": best, "overhead_vs_bare_forward": overhead}
+               "seconds": best, "overhead_vs_bare_forward": overhead, "image_embedding_per_s": rates,
+               "rule_choices": model.machine_choices.to_dict()}
     print_table(["what", "seconds"], [[name, f"{s:.2f}"] for name, s in best.items()])
     print(f"evaluation overhead over the bare forward pass: {100 * overhead:+.1f}% (target: within 20%)")
+    print_table(["image embedding layout (bf16)", "images/s"], [[name, f"{r:.1f}"] for name, r in rates.items()])
     write_results(args.out, results)
 
 

@@ -74,12 +74,13 @@ def clipmed_step(model, objective: str, records, texts, labels, without: tuple[s
     from clipmed.training.config import TrainConfig
     from clipmed.training.optim import build_optimizer
     from clipmed.data.datasets import pixel_batches
+    from clipmed.data.records import RecordTable
     from clipmed.objectives import TrainingRows, get_objective
     from clipmed.training.step import StepRunner
 
     config = TrainConfig(objective=objective, batch_size=len(records), lr_clip=1e-5, **options)
     classes = sorted(set(labels)) if labels else []
-    rows = TrainingRows(list(records), list(texts), [True] * len(records), classes,
+    rows = TrainingRows(RecordTable.from_records(records), list(texts), [True] * len(records), classes,
                         labels=torch.tensor([classes.index(x) for x in labels]) if labels else None)
     chosen = get_objective(objective)
     runner = StepRunner(model, chosen.loss(config, model), config)

@@ -11,6 +11,8 @@ import torch
 
 from clipmed import inference
 from clipmed.cli import main
+from clipmed.data import datasets
+from clipmed.data.datasets import loader
 from clipmed.data.records import FieldMap, Record
 from clipmed.data.sources import load_source
 from clipmed.evaluation.embed import embed_images, embed_texts
@@ -158,7 +160,15 @@ def test_index_built_a_chunk_at_a_time_equals_one_built_at_once(tiny_dual_folder
                "--out"]
     assert main([*command, str(tmp_path / "whole")]) == 0
     monkeypatch.setattr(inference, "EMBED_CHUNK", 3)
+    loaders = []  # one loader streams the whole pass: its workers do not restart per chunk
+
+    def counted(*args, **kwargs):
+        loaders.append(args)
+        return loader(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "loader", counted)
     assert main([*command, str(tmp_path / "chunked")]) == 0
+    assert len(loaders) == 1
     whole, chunked = load_index(tmp_path / "whole"), load_index(tmp_path / "chunked")
     assert chunked.meta["items"] == whole.meta["items"] and len(whole.meta["items"]) == len(whole.embeddings) > 3
     assert np.allclose(chunked.embeddings, whole.embeddings, atol=1e-6)

@@ -81,3 +81,27 @@ def test_a_vit_image_tower_runs_in_bf16_where_the_cnn_rule_says_fp32():
 def test_a_forced_contiguous_layout_turns_the_fold_off_unless_it_is_forced_too():
     assert not resolve(Speed(memory_format="contiguous"), _facts(AMX))[0].fuse_conv_bn
     assert resolve(Speed(memory_format="contiguous", fuse_conv_bn=True), _facts(AMX))[0].fuse_conv_bn
+
+
+def test_a_loaded_model_embeds_with_the_rule_tables_layout_and_a_runs_model_keeps_its_own(monkeypatch):
+    from helpers import tiny_dual
+
+    from clipmed.evaluation.embed import embed_texts
+
+    monkeypatch.setattr(machine, "facts", lambda device="cpu": _facts(AMX))
+    loaded = tiny_dual()
+    plain = tiny_dual()
+    machine.ready_for_inference(loaded, "cpu")
+    rule = decide(_facts(AMX), loaded.image_tower_kind)[0]
+    assert loaded.machine_choices == rule and rule.memory_format == "channels_last"
+    assert loaded.image_tower._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode_image(pixels), plain.eval().encode_image(pixels), atol=1e-5)
+
+    trained = tiny_dual()
+    forced = resolve(Speed(memory_format="contiguous"), _facts(AMX))[0]
+    machine.apply_to_model(trained, forced)
+    embed_texts(trained, ["a chest x-ray"], precision="fp32")
+    assert trained.machine_choices == forced
+    assert trained.image_tower._conv_stem.weight.is_contiguous()

@@ -57,3 +57,37 @@ def test_a_killed_command_leaves_no_loader_worker_nor_forkserver_behind(tmp_path
         assert not alive, f"still running after the kill: {[p.cmdline()[-1][:80] for p in alive]}"
     finally:
         reader.kill()
+
+
+ALLOCATE_TWICE = """
+import resource, sys
+import numpy as np
+from clipmed.processes import keep_freed_memory
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+start = rss()
+np.ones(64 * 2**20 // 8).sum()  # 64 MiB: over glibc's default mmap threshold, freed at once
+kept = rss() - start
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(64 * 2**20 // 8).sum()
+print(applied, kept // 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_kept_freed_memory_serves_the_next_large_allocation_without_page_faults():
+    runs = {mode: subprocess.run([sys.executable, "-c", ALLOCATE_TWICE, mode], capture_output=True, text=True,
+                                 check=True).stdout.split() for mode in ("keep", "system")}
+    assert runs["keep"][0] == "True" and runs["system"][0] == "False"
+    assert int(runs["system"][1]) < 16  # glibc's default unmapped the freed block: the next one faults afresh
+    assert int(runs["keep"][1]) > 48 and int(runs["keep"][2]) < 100  # kept: the freed pages serve the next one
+
+
+def test_clipmed_malloc_system_keeps_glibcs_default(monkeypatch):
+    from clipmed.processes import keep_freed_memory
+
+    monkeypatch.setenv("CLIPMED_MALLOC", "system")
+    assert keep_freed_memory() is False

@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import ClipmedError
 from .io import check_output, read_json
 from .options import add_options, checked, from_args
+from .processes import keep_freed_memory
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -540,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' weight-loading reports and download/save progress bars are noise for a CLI user.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    keep_freed_memory()  # every command's steps reuse their pages (clipmed.processes)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None):

@@ -28,7 +28,7 @@ from .data.records import Record
 from .data.sources import LoadedSource
 from .data.store import ImageStore, StoreOptions, open_store
 from .errors import ClipmedError, first_line
-from .evaluation.embed import embed_images, embed_texts
+from .evaluation.embed import embed_images, embed_store_rows, embed_texts
 from .evaluation.zeroshot import class_embeddings, zero_shot_scores
 from .io import atomic_write, read_json, sha256_file
 from .knowledge.prompts import DEFAULT_TEMPLATE, check_template
@@ -139,15 +139,41 @@ def _image_store(model: ClipModel, source: LoadedSource, store: StoreOptions, pr
 
 
 def _usable_chunks(source: LoadedSource, image_store: ImageStore | None
-                   ) -> Iterator[tuple[list[Record], list[tuple[str, str]]]]:
-    """Per chunk of rows: those whose image is in the store, and (id, reason) of the others."""
+                   ) -> Iterator[tuple[list[Record], np.ndarray, list[tuple[str, str]]]]:
+    """Per chunk of rows: those whose image is in the store, their store rows, and (id, reason) of the others."""
     for chunk in _record_chunks(source):
         rows, failures = (image_store.lookup([r.image_path or "" for r in chunk]) if image_store is not None
                           else (np.full(len(chunk), -1), {}))
-        rows = rows.tolist()
-        yield ([r for r, row in zip(chunk, rows) if row >= 0],
+        yield ([r for r, row in zip(chunk, rows.tolist()) if row >= 0], rows[rows >= 0],
                [(r.id, "no image" if r.image_path is None else failures[r.image_path])
-                for r, row in zip(chunk, rows) if row < 0])
+                for r, row in zip(chunk, rows.tolist()) if row < 0])
+
+
+def _usable_rows(source: LoadedSource, image_store: ImageStore | None) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """One pass: the store rows of every usable image in source order (8 bytes each), and (id, reason) of the rows
+    that cannot be embedded."""
+    rows, skipped = [], []
+    for _, chunk_rows, chunk_skipped in _usable_chunks(source, image_store):
+        rows.append(chunk_rows)
+        skipped += chunk_skipped
+    return (np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)), skipped
+
+
+def _embedded_chunks(model: ClipModel, source: LoadedSource, image_store: ImageStore | None, rows: np.ndarray, *,
+                     precision: str, loader_workers: int | None) -> Iterator[tuple[list[Record], torch.Tensor]]:
+    """Per chunk of rows: the usable ones and their image embeddings. One loader streams every usable row
+    (`rows`, from `_usable_rows`) through the same workers; a pass over the source hands each chunk its share."""
+    stream = (embed_store_rows(model, image_store, rows, precision=precision, loader_workers=loader_workers)
+              if len(rows) else iter(()))
+    pending: list[torch.Tensor] = []  # embeddings streamed but not yet handed out
+    for usable, _, _ in _usable_chunks(source, image_store):
+        have = sum(len(t) for t in pending)
+        while have < len(usable):
+            pending.append(next(stream))
+            have += len(pending[-1])
+        joined = torch.cat(pending) if pending else torch.empty(0, 0)
+        pending = [joined[len(usable):]] if have > len(usable) else []
+        yield usable, joined[:len(usable)]
 
 
 def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *, what: Kinds = "both",
@@ -179,14 +205,14 @@ def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *
             if what in ("images", "both"):
                 image_store = _image_store(model, source, store, progress)
                 bar = tqdm(desc="embed images", unit="row", disable=None if progress else True)
-                for usable, skipped in _usable_chunks(source, image_store):
-                    done.skipped_images += skipped
+                rows, done.skipped_images = _usable_rows(source, image_store)
+                bar.update(len(done.skipped_images))
+                for usable, embeddings in _embedded_chunks(model, source, image_store, rows, precision=precision,
+                                                           loader_workers=loader_workers):
                     if usable:
-                        write_chunk(writer, [r.id for r in usable], "image",
-                                    embed_images(model, usable, precision=precision, store=image_store,
-                                                 loader_workers=loader_workers))
+                        write_chunk(writer, [r.id for r in usable], "image", embeddings)
                         done.images += len(usable)
-                    bar.update(len(usable) + len(skipped))
+                    bar.update(len(usable))
                 bar.close()
             if what in ("texts", "both"):
                 bar = tqdm(desc="embed texts", unit="row", disable=None if progress else True)
@@ -230,15 +256,13 @@ def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str
     written; an index already there is replaced in one step, see the module docstring); returns how many images
     it holds and which rows were skipped.
 
-    The source is streamed a chunk of rows at a time: embeddings go into a memory-mapped .npy, items into a staging
+    The source is streamed a chunk of rows at a time: embeddings are appended to the .npy file, items to a staging
     file, so memory does not grow with the dataset."""
     out = Path(out)
     with FileLock(out, what="index"):
         image_store = _image_store(model, source, store, progress)
-        done = Embedded()
-        for usable, skipped in _usable_chunks(source, image_store):  # a first pass sizes the embeddings file
-            done.images += len(usable)
-            done.skipped_images += skipped
+        rows, skipped = _usable_rows(source, image_store)  # also sizes the embeddings file
+        done = Embedded(images=len(rows), skipped_images=skipped)
         if not done.images:
             raise ClipmedError(f"{source.path}: no readable image among {len(done.skipped_images)} rows, nothing to "
                                "index")
@@ -246,24 +270,21 @@ def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str
         dim = 0
 
         def write_embeddings(tmp: str) -> None:
+            # Appended in row order with plain writes (a memory map would keep every written page in this process).
             nonlocal dim
-            matrix, row = None, 0
-            with open(staged_items, "w", encoding="utf-8") as items:
-                for usable, _ in _usable_chunks(source, image_store):
+            with open(tmp, "wb") as matrix, open(staged_items, "w", encoding="utf-8") as items:
+                for usable, embeddings in _embedded_chunks(model, source, image_store, rows, precision=precision,
+                                                           loader_workers=loader_workers):
                     if not usable:
                         continue
-                    embeddings = embed_images(model, usable, precision=precision, store=image_store,
-                                              loader_workers=loader_workers).numpy()
-                    if matrix is None:
+                    if not dim:
                         dim = embeddings.shape[1]
-                        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(done.images, dim))
-                    matrix[row:row + len(usable)] = embeddings
-                    row += len(usable)
+                        np.lib.format.write_array_header_1_0(matrix, {"descr": np.lib.format.dtype_to_descr(
+                            np.dtype(np.float32)), "fortran_order": False, "shape": (done.images, dim)})
+                    matrix.write(embeddings.numpy().astype(np.float32, copy=False).tobytes())
                     items.writelines(json.dumps({"attribution": r.extra, "caption": r.caption, "id": r.id,
                                                  "path": r.image_path}, ensure_ascii=False, sort_keys=True) + "\n"
                                      for r in usable)
-            matrix.flush()
-            del matrix
 
         atomic_write(staged, write_embeddings)
         checksum = sha256_file(staged)

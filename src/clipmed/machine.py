@@ -211,7 +211,18 @@ def apply_threads(choices: Choices) -> None:
 
 def apply_to_model(model, choices: Choices) -> None:
     """Put the choices that live in the model into it: the attention kernel, the image tower's memory format and
-    the BatchNorm fold. Everything that runs the towers for a run (its steps, its locked-tower feature cache)
-    runs after this, so they all compute the same function the same way."""
+    the BatchNorm fold (and remember them: `model.machine_choices`). Everything that runs the towers for a run
+    (its steps, its locked-tower feature cache, its validation) runs after this, so they all compute the same
+    function the same way."""
     model.select_attention(choices.attention)
     model.set_speed(channels_last=choices.memory_format == "channels_last", fuse_conv_bn=choices.fuse_conv_bn)
+    model.machine_choices = choices
+
+
+def ready_for_inference(model, device: torch.device | str) -> None:
+    """Before computing embeddings: a model a run has put its choices into keeps them (training's validation and
+    feature cache compute what its steps compute); any other model (a saved one loaded to embed, index or
+    evaluate) gets the rule table's layout for `device`: memory format, BatchNorm fold, attention kernel. The
+    precision stays the caller's (embeddings are bf16 by default everywhere)."""
+    if model.machine_choices is None:
+        apply_to_model(model, decide(facts(device), model.image_tower_kind)[0])

@@ -1,4 +1,5 @@
-"""How clipmed starts worker processes (image checks, store builds, DataLoader workers): one place decides.
+"""How clipmed starts worker processes (image checks, store builds, DataLoader workers), and how a command's
+process allocates memory: one place decides.
 
 No worker is forked from the command's own process. Such a worker would map every page the command holds (the
 model, the optimizer, the dataset's rows): its resident memory would count all of them again, and Python's
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from multiprocessing.context import BaseContext
@@ -72,3 +74,27 @@ def _exit_with(pid: int, created: float, *_worker_id: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name="clipmed-parent-watch", daemon=True).start()
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED = 1 << 30  # bytes: allocations below this come from the heap, and freed heap memory stays mapped
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for the next allocation instead of returning it to the OS.
+
+    By default glibc maps each block over 32 MB afresh and unmaps it when freed, so every training or embedding
+    step page-faults (and the kernel zeroes) all its large activations again: a system-time cost on every CPU
+    kind. With the heap kept, a step reuses the previous step's pages; the peak memory is the same, it is only
+    not handed back between steps (`bench/allocator.py` times both). Returns whether it applied (glibc on
+    Linux, and `CLIPMED_MALLOC` not set to "system", which keeps glibc's default)."""
+    if os.environ.get("CLIPMED_MALLOC", "keep") == "system" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl)
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_FREED))

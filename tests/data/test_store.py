@@ -75,6 +75,16 @@ def test_a_second_open_builds_nothing(images, tmp_path, monkeypatch):
     assert again.shards == first.shards and np.array_equal(again.lookup(images)[0], first.lookup(images)[0])
 
 
+def test_a_small_parallel_build_gives_every_worker_several_shards_and_a_large_one_full_shards():
+    paths = [f"image-{i}.png" for i in range(2626)]
+    chunks = store_module.shard_chunks(paths, 2)
+    assert len(chunks) == 2 * store_module.SHARDS_PER_WORKER and sum(chunks, []) == paths
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= max(map(len, chunks)) // 2
+    assert [len(c) for c in store_module.shard_chunks(paths, 1)] == [1024, 1024, 578]
+    many = [f"image-{i}.png" for i in range(50_000)]
+    assert max(map(len, store_module.shard_chunks(many, 2))) == store_module.SHARD_IMAGES
+
+
 def test_an_interrupted_build_keeps_finished_shards_and_builds_only_the_rest(images, tmp_path, monkeypatch):
     options = StoreOptions(root=str(tmp_path / "store"), workers=1)
     monkeypatch.setattr(store_module, "SHARD_IMAGES", 3)

@@ -169,6 +169,28 @@ def loader(dataset: Dataset, batches: Iterable[list], *, workers: int | None = N
                       worker_init_fn=worker_init() if workers else None)
 
 
+class RowBatches:
+    """A DataLoader batch sampler over an int64 array of store rows, `batch_size` at a time, in order: a pass over
+    a million rows holds 8 bytes per row, not a Python list per batch."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int) -> None:
+        self.rows, self.batch_size = rows, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.rows), self.batch_size):
+            yield self.rows[start:start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+
+def store_batches(store: ImageStore, rows: np.ndarray, *, batch_size: int, workers: int | None = None,
+                  device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Centre-cropped uint8 batches of these store rows in order, through one DataLoader (its workers live for the
+    whole pass)."""
+    return iter(loader(StoreImages(store), RowBatches(rows, batch_size), workers=workers, device=device))
+
+
 def pixel_batches(paths: Sequence[str], size: int, interpolation: str, *, batch_size: int,
                   store: StoreOptions | ImageStore | None = StoreOptions(), workers: int | None = None,
                   device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
@@ -177,15 +199,15 @@ def pixel_batches(paths: Sequence[str], size: int, interpolation: str, *, batch_
     its ImageError)."""
     if not paths:
         return iter(())
-    chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     if store is None:
-        return iter(loader(FileImages(paths, size, interpolation), chunks, workers=workers, device=device))
+        return iter(loader(FileImages(paths, size, interpolation), RowBatches(np.arange(len(paths)), batch_size),
+                           workers=workers, device=device))
     image_store = store if isinstance(store, ImageStore) else open_store(paths, size, interpolation, store)
     rows, failures = image_store.lookup(paths)
     if failures or (rows < 0).any():
         path = next(iter(failures), None) or paths[int(np.flatnonzero(rows < 0)[0])]
         raise ValueError(f"{path}: not a readable image in the store; pass only records readable_records kept")
-    return iter(loader(StoreImages(image_store), [rows[c].tolist() for c in chunks], workers=workers, device=device))
+    return store_batches(image_store, rows, batch_size=batch_size, workers=workers, device=device)
 
 
 def readable_records(records: Sequence[Record], size: int, interpolation: str = "bicubic",

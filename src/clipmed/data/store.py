@@ -40,7 +40,8 @@ from .images import ImageError, open_rgb
 INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 FORMATS = ("png", "jpeg")
 STORE_VERSION = 1
-SHARD_IMAGES = 1024  # images per shard: few files for a million images, yet enough shards to share between workers
+SHARD_IMAGES = 1024  # images per shard at most: few files for a million images
+SHARDS_PER_WORKER = 4  # at least, where the build is small: no worker idles while another finishes a long shard
 
 
 @dataclass(frozen=True)
@@ -219,10 +220,18 @@ def open_store(paths: Sequence[str], size: int, interpolation: str = "bicubic", 
     return store
 
 
+def shard_chunks(paths: list[str], workers: int) -> list[list[str]]:
+    """The images of each new shard: SHARD_IMAGES at most, fewer where a small build would otherwise leave a
+    worker idle (at least SHARDS_PER_WORKER shards per worker)."""
+    size = SHARD_IMAGES if workers <= 1 else max(1, min(SHARD_IMAGES, -(-len(paths) // (SHARDS_PER_WORKER * workers))))
+    return [paths[i:i + size] for i in range(0, len(paths), size)]
+
+
 def _build(folder: Path, paths: list[str], first: int, size: int, interpolation: str, options: StoreOptions,
            progress: bool) -> None:
-    chunks = [paths[i:i + SHARD_IMAGES] for i in range(0, len(paths), SHARD_IMAGES)]
-    workers = min(options.workers or os.cpu_count() or 1, len(chunks))
+    workers = options.workers or os.cpu_count() or 1
+    chunks = shard_chunks(paths, workers)
+    workers = min(workers, len(chunks))
     bar = tqdm(total=len(paths), desc="image store", unit="img", disable=None if progress else True)
     if workers <= 1:
         for number, chunk in enumerate(chunks, start=first):

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..data.datasets import pixel_batches
+from ..data.datasets import pixel_batches, store_batches
 from ..data.store import ImageStore, StoreOptions
 from ..data.records import Record
-from ..machine import attention_for
+from ..machine import ready_for_inference
 from ..models.base import ClipModel
 from ..precision import autocast
 
@@ -33,30 +34,45 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
-@torch.no_grad()
 def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int = 64, precision: str = "bf16",
                  progress: bool = False, store: StoreOptions | ImageStore | None = StoreOptions(),
                  loader_workers: int | None = None) -> torch.Tensor:
     """L2-normalised float32 image embeddings [N, D] in record order.
 
     Pixels come from the image store (`store`; images it lacks are stored first; or an opened ImageStore holding
-    them all) through a DataLoader with
-    `loader_workers` processes; `store=None` decodes the files in this process (a few images named by a user,
-    whose unreadable file raises its one-line ImageError).
+    them all) through a DataLoader with `loader_workers` processes; `store=None` decodes the files in this process
+    (a few images named by a user, whose unreadable file raises its one-line ImageError).
     """
     device = _device(model)
-    model.select_attention(attention_for(device))
     batches = pixel_batches([r.image_path for r in records], model.preprocess.size, model.preprocess.interpolation,
                             batch_size=batch_size, store=store, device=device,
                             workers=0 if store is None and loader_workers is None else loader_workers)
-    chunks = []
+    batches = tqdm(batches, total=-(-len(records) // batch_size), desc="embed images",
+                   disable=None if progress else True, leave=False)
+    chunks = list(encode_pixel_batches(model, batches, precision=precision))
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+def embed_store_rows(model: ClipModel, store: ImageStore, rows: np.ndarray, *, batch_size: int = 64,
+                     precision: str = "bf16", loader_workers: int | None = None) -> Iterator[torch.Tensor]:
+    """L2-normalised float32 image embeddings of these store rows, a batch at a time, in order: one DataLoader
+    for the whole pass, so a dataset of any size streams through the same workers in constant memory."""
+    batches = store_batches(store, rows, batch_size=batch_size, workers=loader_workers, device=_device(model))
+    return encode_pixel_batches(model, batches, precision=precision)
+
+
+@torch.no_grad()
+def encode_pixel_batches(model: ClipModel, batches: Iterable[torch.Tensor], *, precision: str
+                         ) -> Iterator[torch.Tensor]:
+    """L2-normalised float32 embeddings [B, D] of each uint8 pixel batch (on the CPU)."""
+    device = _device(model)
+    ready_for_inference(model, device)
     with evaluating(model):
-        for pixels in tqdm(batches, total=-(-len(records) // batch_size), desc="embed images",
-                           disable=None if progress else True, leave=False):
+        for pixels in batches:
             pixels = model.normalize_pixels(pixels.to(device, non_blocking=True))
             with autocast(precision, device):
-                chunks.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+                embeddings = F.normalize(model.encode_image(pixels).float(), dim=-1).cpu()
+            yield embeddings
 
 
 @torch.no_grad()
@@ -64,7 +80,7 @@ def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128
                 progress: bool = False) -> torch.Tensor:
     """L2-normalised float32 text embeddings [N, D] in input order."""
     device = _device(model)
-    model.select_attention(attention_for(device))
+    ready_for_inference(model, device)
     chunks = []
     # Sorted by length so that each batch pads only to its own longest text; results return in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

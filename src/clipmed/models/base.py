@@ -100,6 +100,8 @@ class ClipModel(nn.Module):
     family: str = ""
     # "conv" (a CNN) or "transformer" (a ViT): clipmed.machine's speed rules differ between the two.
     image_tower_kind: str = "transformer"
+    # The speed choices (clipmed.machine.Choices) a run or an inference call has put into the model; None until then.
+    machine_choices = None
     preprocess: ImagePreprocess
     logit_scale: nn.Parameter  # log of the inverse temperature, as CLIP
 

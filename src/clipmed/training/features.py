@@ -14,7 +14,7 @@ from ..data.datasets import pixel_batches
 from ..data.records import Record
 from ..data.store import StoreOptions, wait_lock
 from ..io import atomic_write
-from ..machine import attention_for
+from ..machine import ready_for_inference
 from ..models.base import ClipModel
 from ..precision import autocast
 
@@ -63,7 +63,7 @@ class LockedFeatures:
         was_training = tower.training
         tower.eval()
         device = next(model.parameters()).device
-        model.select_attention(attention_for(device))
+        ready_for_inference(model, device)
         if side == "image":
             batches = pixel_batches([r.image_path for r in inputs], model.preprocess.size,
                                     model.preprocess.interpolation, batch_size=batch_size, store=store,

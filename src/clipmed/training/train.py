@@ -35,7 +35,7 @@ from ..machine import Choices, apply_threads, apply_to_model, facts, resolve
 from ..models import ClipModel, load_model
 from ..models.lora import add_lora, merged
 from ..objectives import OBJECTIVES, TrainingRows, get_objective
-from ..processes import start_loader_server
+from ..processes import keep_freed_memory, start_loader_server
 from .checkpoint import clean_stale_temporaries, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import World, init_world
@@ -158,6 +158,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                "folder); start it with --data and --out instead")
         saved = read_json(run / "run.json")
         config = TrainConfig.from_dict({**saved["config"], "out": str(run)})
+    keep_freed_memory()  # steps reuse their pages (the CLI does this too; here for scripts that call train)
     device = check_device(config.device)  # before any model loads
     world = init_world(config.device)
     with FileLock(run, what="clipmed train") if world.is_main else nullcontext(), PeakMemory(device) as memory:
@@ -239,7 +240,6 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
     counts = {"trainable_parameters": sum(g["n_params"] for g in groups),
               "total_parameters": sum(p.numel() for p in model.parameters()), "lora_targets": lora}
     if world.is_main:
-        counts["truncated_texts"] = model.count_truncated([t for t in rows.texts if t is not None])  # once
         _write_run_json(run, config, prepared, model, groups, rows, world, status="running",
                         extra={"unreadable_images": unreadable, "machine": machine_record, **counts})
     # Rank 0 alone logs; a resumed run drops what the interrupted one logged after its checkpoint.
@@ -325,6 +325,8 @@ def _train(config: TrainConfig, run: Path, world: World, device: torch.device, s
     bar.close()
     if world.is_main:
         logger.close()
+        # After the loop, not before the first step: it tokenizes every caption (a minute at a million rows).
+        counts["truncated_texts"] = model.count_truncated([t for t in rows.texts if t is not None])
         _write_run_json(run, config, prepared, model, groups, rows, world, status="done",
                         extra={"best": {score_name: best, "epoch": best_epoch}, "steps": step,
                                "seconds": round(time.time() - started, 1), "unreadable_images": unreadable,
@@ -341,7 +343,7 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
     apply_to_model(model, choices)  # before the locked-tower cache, so that it computes what training would
     fingerprint = prepared.manifest["source"]["fingerprint"]
 
-    def features(side: str, inputs: list) -> LockedFeatures:
+    def features(side: str, inputs: Sequence) -> LockedFeatures:
         """Rank 0 computes and caches the features, then every rank loads them (one computation per run)."""
         precision = choices.image_precision if side == "image" else choices.text_precision
         build = lambda: LockedFeatures.build(model, side, inputs, precision=precision,  # noqa: E731
@@ -353,7 +355,7 @@ def _step_runner(model: ClipModel, config: TrainConfig, world: World, rows: Trai
 
     locked_images = locked_texts = None
     if config.lock_image and config.feature_cache:
-        locked_images = features("image", [r for r, ok in zip(rows.records, rows.has_image) if ok])
+        locked_images = features("image", rows.records.take(numpy.flatnonzero(rows.has_image)))  # a view, no Records
     objective = get_objective(config.objective)
     if config.lock_text and config.feature_cache:
         locked_texts = features("text", objective.fixed_texts(rows, config))
