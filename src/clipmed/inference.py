@@ -144,9 +144,10 @@ def _usable_chunks(source: LoadedSource, image_store: ImageStore | None
     for chunk in _record_chunks(source):
         rows, failures = (image_store.lookup([r.image_path or "" for r in chunk]) if image_store is not None
                           else (np.full(len(chunk), -1), {}))
-        yield ([r for r, row in zip(chunk, rows.tolist()) if row >= 0], rows[rows >= 0],
+        usable = rows >= 0
+        yield ([r for r, ok in zip(chunk, usable.tolist()) if ok], rows[usable],
                [(r.id, "no image" if r.image_path is None else failures[r.image_path])
-                for r, row in zip(chunk, rows.tolist()) if row < 0])
+                for r, ok in zip(chunk, usable.tolist()) if not ok])
 
 
 def _usable_rows(source: LoadedSource, image_store: ImageStore | None) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -281,7 +282,7 @@ def build_index(model: ClipModel, model_ref: str, source: LoadedSource, out: str
                         dim = embeddings.shape[1]
                         np.lib.format.write_array_header_1_0(matrix, {"descr": np.lib.format.dtype_to_descr(
                             np.dtype(np.float32)), "fortran_order": False, "shape": (done.images, dim)})
-                    matrix.write(embeddings.numpy().astype(np.float32, copy=False).tobytes())
+                    matrix.write(np.ascontiguousarray(embeddings.numpy(), dtype=np.float32).data)
                     items.writelines(json.dumps({"attribution": r.extra, "caption": r.caption, "id": r.id,
                                                  "path": r.image_path}, ensure_ascii=False, sort_keys=True) + "\n"
                                      for r in usable)
