@@ -86,6 +86,29 @@ def test_kept_freed_memory_serves_the_next_large_allocation_without_page_faults(
     assert int(runs["keep"][1]) > 48 and int(runs["keep"][2]) < 100  # kept: the freed pages serve the next one
 
 
+RELEASE_KEPT = """
+import numpy as np
+from clipmed.processes import keep_freed_memory, release_freed_memory
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+
+keep_freed_memory()
+start = rss()
+np.ones(64 * 2**20 // 8).sum()
+kept = rss() - start
+released = release_freed_memory()
+print(kept // 2**20, released, (rss() - start) // 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_released_memory_leaves_the_process_even_with_the_heap_kept():
+    kept, released, after = subprocess.run([sys.executable, "-c", RELEASE_KEPT], capture_output=True, text=True,
+                                           check=True).stdout.split()
+    assert int(kept) > 48 and released == "True" and int(after) < 16
+
+
 def test_clipmed_malloc_system_keeps_glibcs_default(monkeypatch):
     from clipmed.processes import keep_freed_memory
 

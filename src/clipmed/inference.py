@@ -35,6 +35,7 @@ from .knowledge.prompts import DEFAULT_TEMPLATE, check_template
 from .locking import FileLock
 from .models import ClipModel
 from .models.base import model_fingerprint
+from .processes import release_freed_memory
 
 Kinds = Literal["images", "texts", "both"]
 INDEX_JSON = "index.json"
@@ -173,8 +174,11 @@ def _embedded_chunks(model: ClipModel, source: LoadedSource, image_store: ImageS
             pending.append(next(stream))
             have += len(pending[-1])
         joined = torch.cat(pending) if pending else torch.empty(0, 0)
-        pending = [joined[len(usable):]] if have > len(usable) else []
+        # A copy of the tail, so that the whole joined buffer is freed with the chunk, not kept by a view.
+        pending = [joined[len(usable):].clone()] if have > len(usable) else []
         yield usable, joined[:len(usable)]
+        del joined
+        release_freed_memory()  # the chunk is written: its buffers go back to the OS (`processes`)
 
 
 def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *, what: Kinds = "both",

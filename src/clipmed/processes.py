@@ -89,12 +89,31 @@ def keep_freed_memory() -> bool:
     kind. With the heap kept, a step reuses the previous step's pages; the peak memory is the same, it is only
     not handed back between steps (`bench/allocator.py` times both). Returns whether it applied (glibc on
     Linux, and `CLIPMED_MALLOC` not set to "system", which keeps glibc's default)."""
-    if os.environ.get("CLIPMED_MALLOC", "keep") == "system" or not sys.platform.startswith("linux"):
+    if os.environ.get("CLIPMED_MALLOC", "keep") == "system":
         return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_FREED))
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS now (glibc's malloc_trim), whatever `keep_freed_memory` set.
+
+    Training repeats one step's shapes, so keeping its freed memory pays; a long inference pass (`embed`,
+    `index`) also frees per-chunk results between the steps' activations, and the kept heap then fragments and
+    grows with the rows. Calling this once per chunk bounds it. Returns whether glibc trimmed anything."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+def _glibc():
+    """The C library where it is glibc on Linux, else None (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl)
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_FREED))
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
