@@ -67,3 +67,13 @@ def test_pooled_forward_equals_transformers(attention, eos_token_id):
 def test_other_towers_keep_their_own_forward():
     model = _tiny_clip(5, "eager")
     assert not supports_pooled_forward(torch.nn.Identity(), model.text_model)
+
+
+def test_patch_embedding_runs_as_a_matmul_with_transformers_result():
+    from clipmed.models.clip_pooling import _vision_embeddings
+
+    embeddings = _tiny_clip(2, "eager").vision_model.embeddings
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected = embeddings(pixels)
+    embeddings.patch_embedding.forward = None  # the convolution itself must not run
+    torch.testing.assert_close(_vision_embeddings(embeddings, pixels), expected, rtol=0, atol=1e-12)
