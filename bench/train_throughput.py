@@ -51,7 +51,7 @@ def scenario_texts(scenario: str, rng: random.Random) -> tuple[list[str], list[s
 # What each ViT-B/32 ablation turns off in clipmed's step (the rest stays on): TrainConfig fields, or means the
 # trainer has no option for ("fused_adamw", "pooled_last_layer").
 ABLATIONS = {"sdpa attention": {"attention": "fused"}, "foreach AdamW": "fused_adamw",
-             "full last layer": "pooled_last_layer"}
+             "full last layer": "pooled_last_layer", "convolution patch embedding": "matmul_patch_embedding"}
 
 
 def dual_ablations(choices) -> dict[str, dict]:
@@ -67,10 +67,15 @@ def dual_ablations(choices) -> dict[str, dict]:
             "BatchNorm not folded" if choices.fuse_conv_bn else "BatchNorm folded": {"fuse_conv_bn": not choices.fuse_conv_bn}}
 
 
+def _conv_embeddings(embeddings, pixels):
+    """transformers' CLIPVisionEmbeddings forward (the strided patch convolution): the matmul ablation's."""
+    return embeddings(pixels)
+
+
 def clipmed_step(model, objective: str, records, texts, labels, without: tuple[str, ...] = (), **options):
     """One step of clipmed's trainer (StepRunner + its optimizer) on a fixed batch; `options` are TrainConfig
     fields (precision, accum_steps, ...); `without` names means the trainer has no option for
-    ("fused_adamw", "pooled_last_layer")."""
+    ("fused_adamw", "pooled_last_layer", "matmul_patch_embedding")."""
     from clipmed.training.config import TrainConfig
     from clipmed.training.optim import build_optimizer
     from clipmed.data.datasets import pixel_batches
@@ -92,15 +97,24 @@ def clipmed_step(model, objective: str, records, texts, labels, without: tuple[s
     paths = [r.image_path for r in records]
     batch = dataclasses.replace(chosen.batch(rows, torch.arange(len(records)), config), pixels=next(pixel_batches(
         paths, model.preprocess.size, model.preprocess.interpolation, batch_size=len(paths))))
-    # Ablations of one shared ViT model set its switches before each of their steps.
+    # Ablations of one shared ViT model set its switches before each of their steps. The pooled path also holds
+    # the matmul patch embedding: without it transformers' own forward runs, convolution included.
+    from clipmed.models import clip_pooling
+
     pooled = getattr(model, "_pooled_forward", False) and "pooled_last_layer" not in without
+    matmul = clip_pooling._vision_embeddings  # each step puts it back after an ablation's step
 
     def step() -> None:
         if hasattr(model, "_pooled_forward"):
             model._pooled_forward = pooled
+        if "matmul_patch_embedding" in without:
+            clip_pooling._vision_embeddings = _conv_embeddings
         model.select_attention(runner.choices.attention)
         optimizer.zero_grad(set_to_none=True)
-        runner(batch)
+        try:
+            runner(batch)
+        finally:
+            clip_pooling._vision_embeddings = matmul
         optimizer.step()
     return step
 
@@ -207,7 +221,7 @@ def main() -> None:
     del reference
 
     results = {"machine": machine(), "batch": BATCH, "scenarios": {},
-               "clipmed_means": ["eager attention on CPU", "fused AdamW", "pooled-token last layer",
+               "clipmed_means": ["eager attention on CPU", "fused AdamW", "pooled-token last layer", "matmul patch embedding",
                                  "length-grouped text padding", "one encode per distinct prompt"]}
     for scenario in args.scenarios.split(","):
         texts, labels = scenario_texts("captions" if scenario == "dual" else scenario, rng)
