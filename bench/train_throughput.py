@@ -49,7 +49,7 @@ def scenario_texts(scenario: str, rng: random.Random) -> tuple[list[str], list[s
 
 
 # What each ViT-B/32 ablation turns off in clipmed's step (the rest stays on): TrainConfig fields, or means the
-# trainer has no option for ("fused_adamw", "pooled_last_layer").
+# trainer has no option for ("fused_adamw", "pooled_last_layer", "matmul_patch_embedding").
 ABLATIONS = {"sdpa attention": {"attention": "fused"}, "foreach AdamW": "fused_adamw",
              "full last layer": "pooled_last_layer", "convolution patch embedding": "matmul_patch_embedding"}
 
@@ -221,8 +221,9 @@ def main() -> None:
     del reference
 
     results = {"machine": machine(), "batch": BATCH, "scenarios": {},
-               "clipmed_means": ["eager attention on CPU", "fused AdamW", "pooled-token last layer", "matmul patch embedding",
-                                 "length-grouped text padding", "one encode per distinct prompt"]}
+               "clipmed_means": ["eager attention on CPU", "fused AdamW", "pooled-token last layer",
+                                 "matmul patch embedding", "length-grouped text padding",
+                                 "one encode per distinct prompt"]}
     for scenario in args.scenarios.split(","):
         texts, labels = scenario_texts("captions" if scenario == "dual" else scenario, rng)
         objective = "label" if labels else "caption"

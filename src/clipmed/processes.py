@@ -106,8 +106,9 @@ def release_freed_memory() -> bool:
     return libc is not None and bool(libc.malloc_trim(0))
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
-    """The C library where it is glibc on Linux, else None (macOS, Windows, musl)."""
+    """The C library where it is glibc on Linux, else None (macOS, Windows, musl); loaded once."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
