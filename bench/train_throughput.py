@@ -1,6 +1,8 @@
 """Training throughput, side by side in one run: clipmed's trainer vs a plain transformers CLIPModel loop vs
 open_clip's ViT-B-32 with its ClipLoss, on the same work (random ViT-B/32 weights: speed does not depend on
-them; batch 32; bf16 autocast; AdamW step included; same thread count), contenders alternating.
+them; batch 32; bf16 autocast; AdamW step included; same thread count), contenders alternating, in a process
+whose allocator keeps freed memory as clipmed's CLI and `train()` do (`clipmed.processes.keep_freed_memory`; every
+contender runs under it, so the ratios compare the steps alone: `bench/allocator.py` measures the allocator).
 
     python bench/train_throughput.py --out bench/results/train_throughput.json
 
@@ -195,6 +197,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one clipmed step of the 77-token and dual scenarios (torch.profiler)")
     args = parser.parse_args()
+    from clipmed.processes import keep_freed_memory
+
+    kept = keep_freed_memory()  # the trainer's allocator, for every contender alike
 
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -221,6 +226,7 @@ def main() -> None:
     del reference
 
     results = {"machine": machine(), "batch": BATCH, "scenarios": {},
+               "allocator": "freed memory kept (clipmed's default)" if kept else "glibc default (mallopt unavailable)",
                "clipmed_means": ["eager attention on CPU", "fused AdamW", "pooled-token last layer",
                                  "matmul patch embedding", "length-grouped text padding",
                                  "one encode per distinct prompt"]}

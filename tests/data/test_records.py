@@ -38,6 +38,7 @@ def test_views_take_concatenate_and_read_columns_without_copying_rows():
     assert list(table.column("caption")) == [r.caption for r in rows]
     captions = view.column("caption")
     assert len(captions) == 4 and captions[2] == rows[17].caption and list(captions.take([1])) == [rows[3].caption]
+    assert captions.to_arrow().to_pylist() == [r.caption for r in (rows[29], rows[3], rows[17], rows[3])]
     assert list(table.positions_of(["r5", "missing", "r0"])) == [5, -1, 0]
 
 

@@ -155,11 +155,17 @@ def prepared_decoupled(tmp_path_factory):
 
 
 def test_semantic_objective_trains_on_decoupled_batches(prepared_decoupled, tiny_dual_folder, tmp_path):
+    from clipmed.data.records import TextColumn
     from clipmed.data.split import load_prepared
 
     prepared = load_prepared(prepared_decoupled)
     assert len(prepared.text_only_records()) == 6 and len(prepared.image_only_records()) == 6
     rows = train_module.training_rows(prepared, TrainConfig(objective="semantic"))
+    pairs, text_only, image_only = (list(prepared.records("pool")), list(prepared.text_only_records()),
+                                    list(prepared.image_only_records()))
+    assert list(rows.records) == pairs + text_only + image_only  # a view of the prepared table, in this order
+    assert isinstance(rows.texts, TextColumn)  # column-wise: no Python string per row
+    assert list(rows.texts) == [r.caption for r in pairs + text_only] + [None] * len(image_only)
     assert sum(not ok for ok in rows.has_image) == 6  # text-only rows
     assert sum(text is None for text in rows.texts) == 6  # image-only rows
     image_only = [i for i, text in enumerate(rows.texts) if text is None]

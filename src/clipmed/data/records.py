@@ -70,6 +70,10 @@ class TextColumn(Sequence):
         positions = np.asarray(positions, dtype=np.int64)
         return TextColumn(self._array, positions if self._rows is None else self._rows[positions])
 
+    def to_arrow(self) -> "pa.Array":
+        """These rows as one Arrow string array (a copy of the view's rows; the column itself when not a view)."""
+        return _rows_of(self._array, self._rows, 0, len(self))
+
 
 class RecordTable(Sequence):
     """Records held column-wise in Arrow arrays, made into Record objects only when read.

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data.records import TextColumn
 from ..data.split import PreparedData
 from ..options import option
 from .base import Batch, Objective, TrainingRows, soft_cross_entropy
@@ -68,20 +69,25 @@ class Semantic(Objective):
     reproduce_overrides = {"entities_from": "captions"}
 
     def rows(self, prepared: PreparedData, config: Any) -> TrainingRows:
-        """The pool plus text-only and image-only rows (MedCLIP's decoupled batches)."""
+        """The pool plus text-only and image-only rows (MedCLIP's decoupled batches), column-wise: a row costs its
+        caption's bytes and its concept vector, never a Record or a Python string."""
+        import pyarrow as pa
+
         from ..knowledge import ConceptExtractor, Vocabulary
 
         pairs, text_only = prepared.records("pool"), prepared.text_only_records()
+        with_text = pairs + text_only
         image_only = prepared.image_only_records()
-        records = pairs + text_only + image_only
         vocabulary = Vocabulary.load(config.vocabulary) if config.vocabulary else Vocabulary.default()
         extractor = ConceptExtractor(vocabulary)
-        concepts = extractor.entity_matrix([r.caption for r in pairs + text_only],
-                                           [r.label for r in pairs + text_only], source=config.entities_from)
+        concepts = extractor.entity_matrix(with_text.column("caption"), with_text.column("label"),
+                                           source=config.entities_from)
         # An image-only row has no caption: its concepts come from its label, whatever --entities-from says.
-        label_concepts = extractor.entity_matrix([None] * len(image_only), [r.label for r in image_only],
+        label_concepts = extractor.entity_matrix([None] * len(image_only), image_only.column("label"),
                                                  source="labels")
-        return TrainingRows(records, [r.caption for r in pairs + text_only] + [None] * len(image_only),
+        texts = TextColumn(pa.concat_arrays([with_text.column("caption").to_arrow(),
+                                             pa.nulls(len(image_only), pa.string())]))
+        return TrainingRows(with_text + image_only, texts,
                             [True] * len(pairs) + [False] * len(text_only) + [True] * len(image_only),
                             prepared.classes, concepts=torch.from_numpy(numpy.concatenate([concepts, label_concepts])))
 
