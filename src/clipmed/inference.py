@@ -229,6 +229,7 @@ def write_embeddings(model: ClipModel, source: LoadedSource, path: str | Path, *
                                     embed_texts(model, [r.caption for r in with_text], precision=precision))
                         done.texts += len(with_text)
                     bar.update(len(chunk))
+                    release_freed_memory()  # as after each image chunk: each chunk's text shapes differ
                 bar.close()
 
     atomic_write(path, write)

@@ -75,19 +75,37 @@ def encode_pixel_batches(model: ClipModel, batches: Iterable[torch.Tensor], *, p
             yield embeddings
 
 
+# Real tokens per text forward pass, at most (short texts still go `batch_size` at a time): a batch's activations
+# grow with its texts x their length, and a full batch of the longest captions held several times the memory of the
+# same texts in smaller batches, for no gain in speed.
+TEXT_TOKENS_PER_BATCH = 4096
+
+
+def text_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = TEXT_TOKENS_PER_BATCH
+                 ) -> list[list[int]]:
+    """Positions of the texts of each forward pass, by token length (each batch pads only to its own longest): at
+    most `batch_size` texts and `max_tokens` tokens of its longest text's length per batch (a longer text alone)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if not batches or len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * lengths[i] > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 @torch.no_grad()
 def embed_texts(model: ClipModel, texts: Sequence[str], *, batch_size: int = 128, precision: str = "bf16",
                 progress: bool = False) -> torch.Tensor:
     """L2-normalised float32 text embeddings [N, D] in input order."""
     device = _device(model)
     ready_for_inference(model, device)
+    lengths = [min(n, model.context_length) for n in model.token_counts(texts)]
+    batches = text_batches(lengths, batch_size, TEXT_TOKENS_PER_BATCH)
     chunks = []
-    # Sorted by length so that each batch pads only to its own longest text; results return in input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     with evaluating(model):
-        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=None if progress else True, leave=False):
-            batch = [texts[i] for i in order[start:start + batch_size]]
-            tokens = {k: v.to(device) for k, v in model.tokenize(batch).items()}
+        for batch in tqdm(batches, desc="embed texts", disable=None if progress else True, leave=False):
+            tokens = {k: v.to(device) for k, v in model.tokenize([texts[i] for i in batch]).items()}
             with autocast(precision, device):
                 chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(chunks)[torch.argsort(torch.tensor(order))] if chunks else torch.empty(0, 0)
+    order = torch.tensor([i for batch in batches for i in batch])
+    return torch.cat(chunks)[torch.argsort(order)] if chunks else torch.empty(0, 0)

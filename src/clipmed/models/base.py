@@ -186,11 +186,15 @@ class ClipModel(nn.Module):
     def context_length(self) -> int:
         raise NotImplementedError
 
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        """How many texts exceed the text tower's context and get cut (tokenized in chunks: constant memory)."""
+    def token_counts(self, texts: Sequence[str]) -> Iterator[int]:
+        """Tokens per text before truncation, in order, tokenized TOKEN_COUNT_CHUNK at a time (constant memory)."""
         texts = list(texts)
-        return sum(length > self.context_length for start in range(0, len(texts), TOKEN_COUNT_CHUNK)
-                   for length in self.token_lengths(texts[start:start + TOKEN_COUNT_CHUNK]))
+        for start in range(0, len(texts), TOKEN_COUNT_CHUNK):
+            yield from self.token_lengths(texts[start:start + TOKEN_COUNT_CHUNK])
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many texts exceed the text tower's context and get cut."""
+        return sum(length > self.context_length for length in self.token_counts(texts))
 
     def token_lengths(self, texts: list[str]) -> list[int]:
         """Tokens per text before truncation, special tokens included, counted as the tokenizer counts them."""
