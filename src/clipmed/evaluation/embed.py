@@ -83,8 +83,9 @@ TEXT_TOKENS_PER_BATCH = 4096
 
 def text_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = TEXT_TOKENS_PER_BATCH
                  ) -> list[list[int]]:
-    """Positions of the texts of each forward pass, by token length (each batch pads only to its own longest): at
-    most `batch_size` texts and `max_tokens` tokens of its longest text's length per batch (a longer text alone)."""
+    """Positions of the texts of each forward pass, in order of token length (each batch pads only to its own
+    longest): at most `batch_size` texts, and texts x the batch's longest length at most `max_tokens` (a text
+    longer than that goes alone)."""
     batches: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         if not batches or len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * lengths[i] > max_tokens:
