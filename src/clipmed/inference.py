@@ -104,8 +104,10 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 # ---- embed ---------------------------------------------------------------------------------------------
 
-# Rows embedded and written per Parquet row group: memory holds one chunk, whatever the dataset's size.
-EMBED_CHUNK = 4096
+# Rows embedded and written per Parquet row group: memory holds one chunk, whatever the dataset's size. Small
+# enough that even a small dataset passes several chunks (so its memory is the same steady state as a large one's)
+# and the heap is trimmed (after each chunk) before freed activations pile up.
+EMBED_CHUNK = 1024
 
 
 @dataclass

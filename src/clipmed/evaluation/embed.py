@@ -53,7 +53,12 @@ def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def embed_store_rows(model: ClipModel, store: ImageStore, rows: np.ndarray, *, batch_size: int = 64,
+# Images per forward pass of a long streaming pass (`embed`, `index`): its memory is one batch's activations, and
+# half the evaluation batch holds about half of them at nearly the same images per second.
+STREAM_BATCH = 32
+
+
+def embed_store_rows(model: ClipModel, store: ImageStore, rows: np.ndarray, *, batch_size: int = STREAM_BATCH,
                      precision: str = "bf16", loader_workers: int | None = None) -> Iterator[torch.Tensor]:
     """L2-normalised float32 image embeddings of these store rows, a batch at a time, in order: one DataLoader
     for the whole pass, so a dataset of any size streams through the same workers in constant memory."""
