@@ -53,8 +53,8 @@ def embed_images(model: ClipModel, records: Sequence[Record], *, batch_size: int
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-# Images per forward pass of a long streaming pass (`embed`, `index`): its memory is one batch's activations, and
-# half the evaluation batch holds about half of them at nearly the same images per second.
+# Images per forward pass of a long streaming pass (`embed`, `index`): its memory is one batch's activations, so
+# half the evaluation batch holds about half of them, for a small loss of speed (README, Scale).
 STREAM_BATCH = 32
 
 
